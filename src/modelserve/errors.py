@@ -1,0 +1,63 @@
+"""One exception hierarchy for the whole server; each protocol adapter maps it once, at its edge.
+
+``http_status`` and ``grpc_code`` are the only protocol knowledge here: the REST adapter answers
+``{"error": message}`` with ``http_status``, the gRPC adapter aborts with ``grpc_code``.
+"""
+
+from __future__ import annotations
+
+
+class ModelServeError(Exception):
+    http_status = 500
+    grpc_code = "INTERNAL"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInput(ModelServeError):
+    """The request is malformed: wrong shape, dtype, size, unknown tensor, bad JSON."""
+
+    http_status = 400
+    grpc_code = "INVALID_ARGUMENT"
+
+
+class ModelNotFound(ModelServeError):
+    http_status = 404
+    grpc_code = "NOT_FOUND"
+
+
+class PayloadTooLarge(ModelServeError):
+    http_status = 413
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+
+class QueueFull(ModelServeError):
+    """A model's request queue is at its bound; the client should retry later."""
+
+    http_status = 503
+    grpc_code = "UNAVAILABLE"
+    retry_after_s = 1
+
+
+class ModelNotReady(ModelServeError):
+    http_status = 503
+    grpc_code = "UNAVAILABLE"
+
+
+class Unsupported(ModelServeError):
+    http_status = 501
+    grpc_code = "UNIMPLEMENTED"
+
+
+class Conflict(ModelServeError):
+    http_status = 409
+    grpc_code = "FAILED_PRECONDITION"
+
+
+class ModelLoadError(ModelServeError):
+    """A model's files or configuration cannot be loaded; the reason goes into the index."""
+
+    http_status = 400
+    grpc_code = "INVALID_ARGUMENT"

@@ -1,0 +1,116 @@
+"""Run the server: one event loop carrying the HTTP (uvicorn) and gRPC (grpc.aio) adapters.
+
+Start-up binds both ports first (port 0 = a free one), loads the models, then prints one
+line a script can parse::
+
+    modelserve ready http=127.0.0.1:8000 grpc=127.0.0.1:8001
+
+SIGTERM / SIGINT: readiness turns false, both listeners stop taking new requests, in-flight
+requests finish (up to ``drain_timeout_s``), the models drain and unload, the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import sys
+
+import uvicorn
+
+from modelserve.runtime import RuntimeOptions
+from modelserve.server.dataplane import Dataplane
+from modelserve.server.grpc_service import NOT_SERVING, SERVING, create_server
+from modelserve.server.models import ModelManager
+from modelserve.server.rest import create_app
+from modelserve.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+
+class _Uvicorn(uvicorn.Server):
+    # signals are ours: we drain gRPC and the models too
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(address)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def serve(settings: ServerSettings) -> None:
+    runtime_defaults = RuntimeOptions(intra_op_threads=settings.ort_threads) if settings.ort_threads else RuntimeOptions()
+    manager = ModelManager(settings.model_repository, settings.model_control_mode, settings.poll_interval_s,
+                           runtime_defaults)
+    dataplane = Dataplane(manager)
+    app = create_app(dataplane, settings.max_request_bytes)
+
+    sock = _bind(settings.host, settings.http_port)
+    http_port = sock.getsockname()[1]
+    http = _Uvicorn(uvicorn.Config(
+        app, http="httptools", lifespan="off", access_log=False, log_level="warning",
+        timeout_graceful_shutdown=int(settings.drain_timeout_s), timeout_keep_alive=30,
+        h11_max_incomplete_event_size=None,
+    ))
+    grpc_server = health = None
+    grpc_port = -1
+    if settings.grpc_port >= 0:
+        grpc_server, grpc_port, health = create_server(dataplane, _address(settings.host, settings.grpc_port))
+        await grpc_server.start()
+        await health.set("", NOT_SERVING)
+    http_task = asyncio.create_task(http.serve(sockets=[sock]), name="http")
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    await manager.start(settings.load_models if settings.model_control_mode == "explicit" else None)
+    dataplane.ready = True
+    if health:
+        await health.set("", SERVING)
+    grpc_part = f" grpc={_address(settings.host, grpc_port)}" if grpc_server else ""
+    print(f"modelserve ready http={_address(settings.host, http_port)}{grpc_part}", flush=True)
+
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait([stopped, http_task], return_when=asyncio.FIRST_COMPLETED)
+    log.info("shutting down: draining in-flight requests")
+    dataplane.ready = False
+    if health:
+        await health.set("", NOT_SERVING)
+    http.should_exit = True
+    if grpc_server:
+        await grpc_server.stop(grace=settings.drain_timeout_s)
+    await http_task
+    await manager.close()
+    log.info("stopped")
+
+
+def run(settings: ServerSettings) -> None:
+    try:
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
+        loop_factory = None
+    try:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(serve(settings))
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except OSError as exc:
+        print(f"error: cannot listen: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,226 @@
+"""The dynamic batcher: one bounded queue per model version, one worker per model instance.
+
+Requests (each possibly a batch of its own) wait in the queue; a free instance takes the
+compatible requests at the head (same non-batch shapes, same requested outputs), up to
+``max_batch_size`` rows, cut at a preferred size when one fits, concatenates them once, runs the
+model in its own thread (ONNX Runtime releases the GIL) and hands each request its slice.
+
+Waiting: a lone request is never taxed. The worker waits (at most ``max_queue_delay``) only while
+fewer requests are queued than made up the previous batch, i.e. while recent traffic says more
+are on their way; under a steady load of N concurrent clients batches settle at N.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from modelserve.errors import InvalidInput, ModelNotReady, ModelServeError, QueueFull
+from modelserve.runtime import Runtime
+from modelserve.server.stats import ModelStats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Pending:
+    inputs: dict[str, np.ndarray]
+    outputs: list[str] | None
+    rows: int
+    key: tuple  # what must match for two requests to share a batch
+    future: asyncio.Future
+    enqueued_ns: int
+
+
+class DynamicBatcher:
+    def __init__(
+        self,
+        name: str,
+        runtimes: list[Runtime],
+        stats: ModelStats,
+        max_batch_size: int = 0,
+        preferred_batch_sizes: list[int] | None = None,
+        max_queue_delay_us: int = 0,
+        max_queue_size: int = 1024,
+    ):
+        self.name = name
+        self.max_batch_size = max_batch_size
+        self.preferred = sorted(p for p in (preferred_batch_sizes or []) if 0 < p <= max(max_batch_size, 1))
+        self.max_delay_ns = max_queue_delay_us * 1000
+        self.max_queue_size = max_queue_size
+        self.stats = stats
+        self._runtimes = runtimes
+        self._queue: deque[_Pending] = deque()
+        self._work = asyncio.Event()
+        self._expected = 1
+        self._closing = False
+        self._stopped = False
+        self._executors = [ThreadPoolExecutor(1, thread_name_prefix=f"{name}-{i}") for i in range(len(runtimes))]
+        self._workers = [
+            asyncio.get_running_loop().create_task(self._worker(rt, ex), name=f"batcher-{name}-{i}")
+            for i, (rt, ex) in enumerate(zip(runtimes, self._executors))
+        ]
+        self._live_workers = len(self._workers)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    async def infer(self, inputs: dict[str, np.ndarray], outputs: list[str] | None, rows: int) -> dict[str, np.ndarray]:
+        """Queue one request and wait for its outputs. ``rows`` is its batch size (1 without batching)."""
+        if self._stopped:
+            raise ModelNotReady(f"model '{self.name}' is unloading")
+        if len(self._queue) >= self.max_queue_size:
+            raise QueueFull(f"model '{self.name}': queue full ({self.max_queue_size} requests waiting); retry later")
+        key = (tuple((n, a.dtype, a.shape[1:]) for n, a in inputs.items()), tuple(outputs) if outputs else None)
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(inputs, outputs, rows, key, future, time.perf_counter_ns()))
+        self._work.set()
+        return await future
+
+    async def close(self) -> None:
+        """Finish every queued request, then stop the workers and release the runtimes."""
+        self._closing = True
+        self._work.set()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        loop = asyncio.get_running_loop()
+        for runtime, executor in zip(self._runtimes, self._executors):
+            await loop.run_in_executor(executor, runtime.unload)
+            executor.shutdown(wait=False)
+
+    # -- worker side -------------------------------------------------------------------------
+
+    async def _worker(self, runtime: Runtime, executor: ThreadPoolExecutor) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                while not self._queue:
+                    if self._closing:
+                        return
+                    self._work.clear()
+                    await self._work.wait()
+                if self.max_delay_ns and self.max_batch_size:
+                    await self._wait_for_fuller_batch()
+                batch = self._take()
+                if batch:
+                    await self._run(batch, runtime, executor, loop)
+        finally:
+            self._live_workers -= 1
+            if self._live_workers == 0:
+                # decided synchronously with the empty-queue check above, so no request slips in after
+                self._stopped = True
+                for pending in self._queue:
+                    _fail(pending, ModelNotReady(f"model '{self.name}' stopped"))
+
+    def _compatible(self) -> tuple[int, int]:
+        """Rows and requests at the head of the queue that can share a batch with the first one."""
+        key = self._queue[0].key
+        rows = count = 0
+        for pending in self._queue:
+            if pending.key == key:
+                if rows + pending.rows > self.max_batch_size:
+                    break
+                rows += pending.rows
+                count += 1
+        return rows, count
+
+    async def _wait_for_fuller_batch(self) -> None:
+        target = self.preferred[-1] if self.preferred else self.max_batch_size
+        deadline = self._queue[0].enqueued_ns + self.max_delay_ns
+        while self._queue:
+            rows, count = self._compatible()
+            remaining = deadline - time.perf_counter_ns()
+            if rows >= target or count >= self._expected or remaining <= 0:
+                return
+            self._work.clear()
+            try:
+                await asyncio.wait_for(self._work.wait(), remaining / 1e9)
+            except TimeoutError:
+                return
+
+    def _take(self) -> list[_Pending]:
+        if not self._queue:
+            return []
+        if not self.max_batch_size:
+            return [self._queue.popleft()]
+        rows, _ = self._compatible()
+        limit = rows
+        fitting = [p for p in self.preferred if p <= rows]
+        if fitting:
+            limit = fitting[-1]
+        key = self._queue[0].key
+        taken: list[_Pending] = []
+        kept: deque[_Pending] = deque()
+        total = 0
+        while self._queue:
+            pending = self._queue.popleft()
+            if pending.key == key and total + pending.rows <= limit:
+                taken.append(pending)
+                total += pending.rows
+            else:
+                kept.append(pending)
+                if total >= limit:
+                    break
+        kept.extend(self._queue)
+        self._queue = kept
+        if not taken:  # the head request alone is larger than a preferred size
+            taken.append(self._queue.popleft())
+        self._expected = len(taken)
+        return taken
+
+    async def _run(self, batch: list[_Pending], runtime: Runtime, executor, loop) -> None:
+        started = time.perf_counter_ns()
+        queue_ns = sum(started - p.enqueued_ns for p in batch)
+        first = batch[0]
+        try:
+            if len(batch) == 1:
+                merged = first.inputs
+            else:
+                merged = {name: np.concatenate([p.inputs[name] for p in batch]) for name in first.inputs}
+            t_in = time.perf_counter_ns()
+            results = await loop.run_in_executor(executor, runtime.infer, merged, first.outputs)
+            t_infer = time.perf_counter_ns()
+            self._deliver(batch, results)
+            done = time.perf_counter_ns()
+            self.stats.batch_done(len(batch), sum(p.rows for p in batch), queue_ns,
+                                  t_in - started, t_infer - t_in, done - t_infer)
+        except Exception as exc:  # noqa: BLE001 - every failure must reach its request
+            if len(batch) > 1:
+                # one bad request must not fail its neighbours: run them one by one
+                for pending in batch:
+                    await self._run([pending], runtime, executor, loop)
+                return
+            if not isinstance(exc, ModelServeError):
+                log.exception("model '%s' failed", self.name)
+                exc = ModelServeError(f"model '{self.name}' failed: {exc}")
+            _fail(first, exc)
+
+    def _deliver(self, batch: list[_Pending], results: dict[str, np.ndarray]) -> None:
+        if len(batch) == 1:
+            if not batch[0].future.done():
+                batch[0].future.set_result(results)
+            return
+        total = sum(p.rows for p in batch)
+        for name, array in results.items():
+            if array.ndim == 0 or array.shape[0] != total:
+                raise InvalidInput(
+                    f"model '{self.name}': output '{name}' has shape {list(array.shape)}, "
+                    f"expected a first dimension of {total} (the batch)"
+                )
+        offset = 0
+        for pending in batch:
+            end = offset + pending.rows
+            if not pending.future.done():
+                pending.future.set_result({name: array[offset:end] for name, array in results.items()})
+            offset = end
+
+
+def _fail(pending: _Pending, exc: Exception) -> None:
+    if not pending.future.done():
+        pending.future.set_exception(exc)

@@ -1,0 +1,181 @@
+"""The dataplane: every protocol's requests, once, on named numpy arrays.
+
+Protocol adapters (REST, gRPC, and those later issues add) decode their wire format into an
+``InferRequest`` and encode the ``InferResponse`` back; health, metadata, config, repository and
+statistics answers are built here as plain dicts in the V2 vocabulary.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+import modelserve
+from modelserve.datatypes import v2_name
+from modelserve.errors import InvalidInput, ModelNotReady, ModelNotFound
+from modelserve.server.config import ModelConfig, parse_override
+from modelserve.server.models import ModelManager
+
+EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "statistics"]
+#: request parameters clients send that need no action from us
+_ACCEPTED_RESERVED = {"triton_enable_empty_final_response"}
+
+
+@dataclass(slots=True)
+class InferRequest:
+    model: str
+    version: str | None
+    inputs: dict[str, np.ndarray]
+    #: requested output names in order; None = every output
+    outputs: list[str] | None = None
+    id: str | None = None
+    parameters: dict = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class InferResponse:
+    model: str
+    version: str
+    outputs: dict[str, np.ndarray]
+    id: str | None = None
+    parameters: dict = field(default_factory=dict)
+
+
+class Dataplane:
+    def __init__(self, manager: ModelManager):
+        self.manager = manager
+        self.ready = False  # true once start-up loading is done, false again while draining
+
+    # -- health and metadata ----------------------------------------------------------------
+
+    def server_metadata(self) -> dict:
+        return {"name": "modelserve", "version": modelserve.__version__, "extensions": EXTENSIONS}
+
+    def model_ready(self, model: str, version: str | None = None) -> bool:
+        """True when ready; raises ModelNotFound for an unknown model or version."""
+        try:
+            self.manager.get(model, version)
+        except ModelNotReady:
+            return False
+        return True
+
+    def model_metadata(self, model: str, version: str | None = None) -> dict:
+        mv = self.manager.get(model, version)
+        cfg = mv.config
+        versions = [mv.version_str] if version else [v.version_str for v in self.manager.models[model].ready_versions()]
+        batch = [-1] if cfg.max_batch_size else []
+        return {
+            "name": model,
+            "versions": versions,
+            "platform": cfg.platform,
+            "inputs": [{"name": t.name, "datatype": t.datatype, "shape": batch + t.dims} for t in cfg.inputs],
+            "outputs": [{"name": t.name, "datatype": t.datatype, "shape": batch + t.dims} for t in cfg.outputs],
+        }
+
+    def model_config(self, model: str, version: str | None = None) -> dict:
+        return self.manager.get(model, version).config.to_triton()
+
+    def statistics(self, model: str = "", version: str | None = None) -> dict:
+        if model:
+            if version:
+                selected = [self.manager.get(model, version)]
+            else:
+                entry = self.manager.models.get(model)
+                if entry is None:
+                    raise ModelNotFound(f"Request for unknown model: '{model}' is not found")
+                selected = entry.ready_versions()
+        else:
+            selected = [v for e in self.manager.models.values() for v in e.ready_versions()]
+        return {"model_stats": [v.stats.as_dict(v.name, v.version_str) for v in selected]}
+
+    # -- repository ---------------------------------------------------------------------------
+
+    def repository_index(self, ready_only: bool = False) -> list[dict]:
+        return self.manager.index(ready_only)
+
+    async def load(self, model: str, parameters: dict | None = None) -> None:
+        self.manager.require_explicit("loading a model")
+        config: ModelConfig | None = None
+        for key, value in (parameters or {}).items():
+            if key == "config":
+                if not isinstance(value, str):
+                    raise InvalidInput("load parameter 'config' must be a string of model-config JSON")
+                config = parse_override(value, model)
+            elif key.startswith("file:"):
+                raise InvalidInput("load parameter 'file:...' (model files in the request) is not supported; "
+                                   "put the files in the model repository")
+        await self.manager.load(model, config)
+
+    async def unload(self, model: str) -> None:
+        self.manager.require_explicit("unloading a model")
+        await self.manager.unload(model)
+
+    # -- inference ----------------------------------------------------------------------------
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        for key in request.parameters:
+            if key.startswith("triton_") and key not in _ACCEPTED_RESERVED:
+                raise InvalidInput(f"parameter '{key}' is reserved (keys starting 'triton_' are)")
+        mv = self.manager.get(request.model, request.version)
+        started = time.perf_counter_ns()
+        try:
+            rows = check_inputs(mv.config, request.inputs)
+            outputs = check_outputs(mv.config, request.outputs)
+            try:
+                results = await mv.infer(request.inputs, outputs, rows)
+            except ModelNotReady:
+                # the version was swapped out between lookup and queueing: take its successor
+                mv = self.manager.get(request.model, request.version)
+                results = await mv.infer(request.inputs, outputs, rows)
+        except BaseException:
+            mv.stats.request_done(False, time.perf_counter_ns() - started)
+            raise
+        mv.stats.request_done(True, time.perf_counter_ns() - started)
+        return InferResponse(request.model, mv.version_str, results, request.id)
+
+
+def check_inputs(config: ModelConfig, inputs: dict[str, np.ndarray]) -> int:
+    """Validate inputs against the config; return the batch size (1 for non-batching models)."""
+    expected = {t.name: t for t in config.inputs}
+    for name in inputs:
+        if name not in expected:
+            raise InvalidInput(f"unexpected input '{name}' for model '{config.name}'; its inputs are {list(expected)}")
+    batching = bool(config.max_batch_size)
+    rows = None
+    for spec in config.inputs:
+        array = inputs.get(spec.name)
+        if array is None:
+            if spec.optional:
+                continue
+            raise InvalidInput(f"missing input '{spec.name}' for model '{config.name}' (expects {list(expected)})")
+        got = v2_name(array.dtype)
+        if got != spec.datatype:
+            raise InvalidInput(f"input '{spec.name}': expected datatype {spec.datatype}, got {got}")
+        shape = list(array.shape)
+        want = ([-1] if batching else []) + spec.dims
+        if len(shape) != len(want) or any(w != -1 and w != s for w, s in zip(want, shape)):
+            raise InvalidInput(f"input '{spec.name}': expected shape {want}, got {shape}"
+                               + (" (the first dimension is the batch)" if batching else ""))
+        if batching:
+            if rows is not None and shape[0] != rows:
+                raise InvalidInput(f"input '{spec.name}': batch size {shape[0]} differs from other inputs' {rows}")
+            rows = shape[0]
+    if batching:
+        rows = rows or 0
+        if not 1 <= rows <= config.max_batch_size:
+            raise InvalidInput(f"batch size {rows} is outside 1..{config.max_batch_size} (max_batch_size of '{config.name}')")
+        return rows
+    return 1
+
+
+def check_outputs(config: ModelConfig, requested: list[str] | None) -> list[str] | None:
+    if not requested:
+        return None
+    names = {t.name for t in config.outputs}
+    for name in requested:
+        if name not in names:
+            raise InvalidInput(f"unknown output '{name}' for model '{config.name}'; its outputs are {sorted(names)}")
+    return requested
+

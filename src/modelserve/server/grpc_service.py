@@ -1,0 +1,238 @@
+"""V2 / Open Inference Protocol over gRPC: ``inference.GRPCInferenceService`` as tritonclient calls it.
+
+Our messages live in the protobuf package ``modelserve.v2`` (see proto/inference.proto for why);
+the handlers are registered under Triton's service name, so clients see the usual method paths.
+Tensors arrive in ``raw_input_contents`` (or typed ``contents``) and leave in ``raw_output_contents``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+
+import grpc
+import numpy as np
+from google.protobuf import json_format
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from modelserve.datatypes import NUMPY_OF, from_wire, parse_datatype, to_wire, v2_name
+from modelserve.errors import InvalidInput, ModelServeError
+from modelserve.server.dataplane import Dataplane, InferRequest, InferResponse
+from modelserve.server.proto import inference_pb2 as pb
+from modelserve.server.proto import model_config_pb2
+
+log = logging.getLogger(__name__)
+
+SERVICE = "inference.GRPCInferenceService"
+MAX_MESSAGE = 2**31 - 1
+_TYPED_FIELD = {
+    "BOOL": "bool_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
+    "UINT64": "uint64_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+    "INT64": "int64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents",
+}
+
+
+def _mapped(method):
+    """Turn our errors into gRPC status codes, once for every unary RPC."""
+    @functools.wraps(method)
+    async def wrapper(self, request, context: grpc.aio.ServicerContext):
+        try:
+            return await method(self, request, context)
+        except ModelServeError as exc:
+            await context.abort(grpc.StatusCode[exc.grpc_code], exc.message)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("unexpected error in %s", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
+    return wrapper
+
+
+class InferenceService:
+    def __init__(self, dataplane: Dataplane):
+        self.dataplane = dataplane
+
+    @_mapped
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    @_mapped
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self.dataplane.ready)
+
+    @_mapped
+    async def ModelReady(self, request, context):
+        return pb.ModelReadyResponse(ready=self.dataplane.model_ready(request.name, request.version or None))
+
+    @_mapped
+    async def ServerMetadata(self, request, context):
+        return json_format.ParseDict(self.dataplane.server_metadata(), pb.ServerMetadataResponse())
+
+    @_mapped
+    async def ModelMetadata(self, request, context):
+        _check_version(request.version)
+        doc = self.dataplane.model_metadata(request.name, request.version or None)
+        return json_format.ParseDict(doc, pb.ModelMetadataResponse())
+
+    @_mapped
+    async def ModelConfig(self, request, context):
+        _check_version(request.version)
+        doc = self.dataplane.model_config(request.name, request.version or None)
+        config = json_format.ParseDict(doc, model_config_pb2.ModelConfig(), ignore_unknown_fields=True)
+        return pb.ModelConfigResponse(config=config)
+
+    @_mapped
+    async def ModelStatistics(self, request, context):
+        _check_version(request.version)
+        doc = self.dataplane.statistics(request.name, request.version or None)
+        return json_format.ParseDict(doc, pb.ModelStatisticsResponse())
+
+    @_mapped
+    async def RepositoryIndex(self, request, context):
+        rows = self.dataplane.repository_index(request.ready)
+        return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**r) for r in rows])
+
+    @_mapped
+    async def RepositoryModelLoad(self, request, context):
+        params = {k: _param_value(v) for k, v in request.parameters.items()}
+        await self.dataplane.load(request.model_name, params)
+        return pb.RepositoryModelLoadResponse()
+
+    @_mapped
+    async def RepositoryModelUnload(self, request, context):
+        await self.dataplane.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+    @_mapped
+    async def ModelInfer(self, request, context):
+        _check_version(request.model_version)
+        return encode_response(await self.dataplane.infer(decode_request(request)))
+
+    async def ModelStreamInfer(self, requests, context):
+        """Requests run concurrently; each answer (or in-stream error) carries the request's id."""
+        answers: asyncio.Queue = asyncio.Queue()
+
+        async def answer(request) -> None:
+            try:
+                _check_version(request.model_version)
+                message = pb.ModelStreamInferResponse(
+                    infer_response=encode_response(await self.dataplane.infer(decode_request(request))))
+            except Exception as exc:  # noqa: BLE001 - an error stays inside the stream
+                text = exc.message if isinstance(exc, ModelServeError) else f"internal error: {exc}"
+                message = pb.ModelStreamInferResponse(error_message=text, infer_response=pb.ModelInferResponse(
+                    id=request.id, model_name=request.model_name, model_version=request.model_version))
+            message.infer_response.parameters["triton_final_response"].bool_param = True
+            answers.put_nowait(message)
+
+        async def read() -> None:
+            tasks = set()
+            async for request in requests:
+                task = asyncio.create_task(answer(request))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            await asyncio.gather(*tasks)
+            answers.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (message := await answers.get()) is not None:
+                yield message
+        finally:
+            reader.cancel()
+
+
+def _check_version(version: str) -> None:
+    if version and not version.isdigit():
+        raise InvalidInput(f"model version '{version}' is not a number")
+
+
+def _param_value(param):
+    kind = param.WhichOneof("parameter_choice")
+    return getattr(param, kind) if kind else None
+
+
+def decode_request(request: pb.ModelInferRequest) -> InferRequest:
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidInput(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs; need one per input")
+    inputs: dict[str, np.ndarray] = {}
+    for i, tensor in enumerate(request.inputs):
+        name, shape = tensor.name, list(tensor.shape)
+        if name in inputs:
+            raise InvalidInput(f"input '{name}' appears twice")
+        if tensor.datatype not in NUMPY_OF or parse_datatype(tensor.datatype) != tensor.datatype:
+            raise InvalidInput(f"input '{name}': unknown datatype '{tensor.datatype}' (expected one of {list(NUMPY_OF)})")
+        if any(d < 0 for d in shape):
+            raise InvalidInput(f"input '{name}': shape {shape} has a negative dimension")
+        if raw:
+            inputs[name] = from_wire(raw[i], tensor.datatype, shape, name)
+        else:
+            inputs[name] = _from_contents(tensor, shape)
+    outputs = [o.name for o in request.outputs] or None
+    params = {k: _param_value(v) for k, v in request.parameters.items()}
+    return InferRequest(request.model_name, request.model_version or None, inputs, outputs, request.id, params)
+
+
+def _from_contents(tensor, shape: list[int]) -> np.ndarray:
+    field = _TYPED_FIELD.get(tensor.datatype)
+    if field is None:
+        raise InvalidInput(f"input '{tensor.name}': {tensor.datatype} has no typed contents; send raw_input_contents")
+    values = getattr(tensor.contents, field)
+    count = int(np.prod(shape, dtype=np.int64))
+    if len(values) != count:
+        raise InvalidInput(f"input '{tensor.name}': got {len(values)} elements in contents, shape {shape} needs {count}")
+    if tensor.datatype == "BYTES":
+        array = np.empty(count, dtype=object)
+        array[:] = list(values)
+    else:
+        array = np.array(values, dtype=NUMPY_OF[tensor.datatype])
+    return array.reshape(shape)
+
+
+def encode_response(response: InferResponse) -> pb.ModelInferResponse:
+    message = pb.ModelInferResponse(model_name=response.model, model_version=response.version, id=response.id or "")
+    for name, array in response.outputs.items():
+        message.outputs.add(name=name, datatype=v2_name(array.dtype), shape=array.shape)
+        message.raw_output_contents.append(bytes(to_wire(array)))
+    return message
+
+
+_RPCS = {
+    "ServerLive": (pb.ServerLiveRequest, pb.ServerLiveResponse),
+    "ServerReady": (pb.ServerReadyRequest, pb.ServerReadyResponse),
+    "ModelReady": (pb.ModelReadyRequest, pb.ModelReadyResponse),
+    "ServerMetadata": (pb.ServerMetadataRequest, pb.ServerMetadataResponse),
+    "ModelMetadata": (pb.ModelMetadataRequest, pb.ModelMetadataResponse),
+    "ModelConfig": (pb.ModelConfigRequest, pb.ModelConfigResponse),
+    "ModelStatistics": (pb.ModelStatisticsRequest, pb.ModelStatisticsResponse),
+    "RepositoryIndex": (pb.RepositoryIndexRequest, pb.RepositoryIndexResponse),
+    "RepositoryModelLoad": (pb.RepositoryModelLoadRequest, pb.RepositoryModelLoadResponse),
+    "RepositoryModelUnload": (pb.RepositoryModelUnloadRequest, pb.RepositoryModelUnloadResponse),
+    "ModelInfer": (pb.ModelInferRequest, pb.ModelInferResponse),
+}
+
+
+def create_server(dataplane: Dataplane, address: str) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+    """A gRPC server bound to ``address`` (port 0 = any free port); returns it, its port, its health servicer."""
+    service = InferenceService(dataplane)
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(
+            getattr(service, name), request_deserializer=req.FromString, response_serializer=resp.SerializeToString)
+        for name, (req, resp) in _RPCS.items()
+    }
+    handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
+        service.ModelStreamInfer, request_deserializer=pb.ModelInferRequest.FromString,
+        response_serializer=pb.ModelStreamInferResponse.SerializeToString)
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", MAX_MESSAGE),
+        ("grpc.max_send_message_length", MAX_MESSAGE),
+        ("grpc.so_reuseport", 0),
+    ])
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, handlers)])
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(address)
+    return server, port, health_servicer
+
+
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVING = health_pb2.HealthCheckResponse.SERVING

@@ -1,0 +1,313 @@
+"""V2 / Open Inference Protocol over HTTP, with Triton's binary tensor extension and compression.
+
+A thin adapter: wire bytes -> ``InferRequest`` -> dataplane -> ``InferResponse`` -> wire bytes.
+Every error leaves as ``{"error": "..."}`` with the status of its ``ModelServeError`` class.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import zlib
+
+import numpy as np
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from modelserve.datatypes import NUMPY_OF, from_json, from_wire, parse_datatype, to_json, to_wire, v2_name
+from modelserve.errors import InvalidInput, ModelServeError, PayloadTooLarge, QueueFull, Unsupported
+from modelserve.server.dataplane import Dataplane, InferRequest, InferResponse
+
+log = logging.getLogger(__name__)
+
+HEADER_LENGTH = "inference-header-content-length"
+_JSON_NUMPY = orjson.OPT_SERIALIZE_NUMPY
+
+
+def json_response(content, status: int = 200, headers: dict | None = None) -> Response:
+    return Response(orjson.dumps(content), status, headers, media_type="application/json")
+
+
+def error_response(exc: ModelServeError) -> Response:
+    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, QueueFull) else None
+    return json_response({"error": exc.message}, exc.http_status, headers)
+
+
+def create_app(dataplane: Dataplane, max_request_bytes: int) -> FastAPI:
+    app = FastAPI(title="modelserve", version=dataplane.server_metadata()["version"],
+                  description="KServe V2 / Open Inference Protocol with Triton's extensions")
+
+    @app.exception_handler(ModelServeError)
+    async def _known(_, exc: ModelServeError):
+        return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_, exc: StarletteHTTPException):
+        return json_response({"error": str(exc.detail)}, exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_, exc: RequestValidationError):
+        return json_response({"error": str(exc)}, 400)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_, exc: Exception):
+        log.exception("unexpected error")
+        return json_response({"error": f"internal error: {exc}"}, 500)
+
+    # -- health and metadata -------------------------------------------------------------------
+
+    @app.get("/v2/health/live")
+    async def live():
+        return json_response({"live": True})
+
+    @app.get("/v2/health/ready")
+    async def ready():
+        if dataplane.ready:
+            return json_response({"ready": True})
+        return json_response({"error": "server is not ready"}, 503)
+
+    @app.get("/v2")
+    async def server_metadata():
+        return json_response(dataplane.server_metadata())
+
+    @app.get("/v2/models")
+    async def list_models():
+        return json_response({"models": sorted(dataplane.manager.models)})
+
+    @app.get("/v2/models/stats")
+    async def all_stats():
+        return json_response(dataplane.statistics())
+
+    def versioned(path: str, method: str = "GET"):
+        """Register a handler on ``/v2/models/{model}<path>`` and ``.../versions/{version}<path>``."""
+        def register(handler):
+            for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version:int}"):
+                app.add_api_route(prefix + path, handler, methods=[method], include_in_schema=True)
+            return handler
+        return register
+
+    @versioned("/ready")
+    async def model_ready(model: str, version: int | None = None):
+        if dataplane.model_ready(model, _v(version)):
+            return json_response({"name": model, "ready": True})
+        return json_response({"error": f"model '{model}' is not ready"}, 503)
+
+    @versioned("")
+    async def model_metadata(model: str, version: int | None = None):
+        return json_response(dataplane.model_metadata(model, _v(version)))
+
+    @versioned("/config")
+    async def model_config(model: str, version: int | None = None):
+        return json_response(dataplane.model_config(model, _v(version)))
+
+    @versioned("/stats")
+    async def model_stats(model: str, version: int | None = None):
+        return json_response(dataplane.statistics(model, _v(version)))
+
+    @versioned("/infer", "POST")
+    async def infer(request: Request, model: str, version: int | None = None):
+        body = await read_body(request, max_request_bytes)
+        infer_request, binary_outputs = parse_infer(body, request.headers.get(HEADER_LENGTH), model, _v(version))
+        response = await dataplane.infer(infer_request)
+        content, headers = encode_infer(response, binary_outputs)
+        return compress(request, content, headers)
+
+    # -- repository ----------------------------------------------------------------------------
+
+    @app.post("/v2/repository/index")
+    async def repository_index(request: Request):
+        doc = _json_object(await read_body(request, max_request_bytes), allow_empty=True)
+        return json_response(dataplane.repository_index(bool(doc.get("ready", False))))
+
+    @app.post("/v2/repository/models/{model}/load")
+    async def load(request: Request, model: str):
+        doc = _json_object(await read_body(request, max_request_bytes), allow_empty=True)
+        await dataplane.load(model, doc.get("parameters") or {})
+        return json_response({"name": model, "load": True})
+
+    @app.post("/v2/repository/models/{model}/unload")
+    async def unload(request: Request, model: str):
+        _json_object(await read_body(request, max_request_bytes), allow_empty=True)
+        await dataplane.unload(model)
+        return json_response({"name": model, "unload": True})
+
+    @app.api_route("/v2/repository/{repository}/models/{model}/{action}", methods=["POST"], include_in_schema=False)
+    async def named_repository(repository: str, model: str, action: str):
+        raise Unsupported("named repositories are not supported; use /v2/repository/models/...")
+
+    return app
+
+
+def _v(version: int | None) -> str | None:
+    return None if version is None else str(version)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, decompressed, refusing anything past ``limit`` bytes (before and after)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes")
+    if declared:
+        body = await request.body()
+    else:  # chunked: count as it arrives
+        parts, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+            parts.append(chunk)
+        body = b"".join(parts)
+    encoding = request.headers.get("content-encoding", "identity").lower()
+    if encoding in ("gzip", "deflate"):
+        wbits = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS
+        inflater = zlib.decompressobj(wbits)
+        try:
+            body = inflater.decompress(body, limit + 1)
+        except zlib.error as exc:
+            raise InvalidInput(f"request body is not valid {encoding} data: {exc}") from None
+        if len(body) > limit or inflater.unconsumed_tail:
+            raise PayloadTooLarge(f"decompressed request body exceeds the limit of {limit} bytes")
+    elif encoding not in ("identity", ""):
+        raise InvalidInput(f"unsupported Content-Encoding '{encoding}' (use gzip, deflate or none)")
+    return body
+
+
+def compress(request: Request, content: bytes, headers: dict) -> Response:
+    accepted = request.headers.get("accept-encoding", "")
+    if "gzip" in accepted:
+        content, headers["Content-Encoding"] = gzip.compress(content, 1), "gzip"
+    elif "deflate" in accepted:
+        content, headers["Content-Encoding"] = zlib.compress(content, 1), "deflate"
+    return Response(content, 200, headers)
+
+
+def _json_object(raw: bytes | memoryview, allow_empty: bool = False) -> dict:
+    if allow_empty and not len(raw):
+        return {}
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        try:  # NaN / Infinity tokens, which orjson refuses and Python clients may send
+            doc = json.loads(bytes(raw))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InvalidInput(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise InvalidInput("request body must be a JSON object")
+    return doc
+
+
+def parse_infer(body: bytes, header_length: str | None, model: str, version: str | None) -> tuple[InferRequest, dict]:
+    """Body (JSON, or JSON + binary tensors) -> request, and each output's binary flag."""
+    if header_length is None:
+        json_part, binary = body, memoryview(b"")
+    else:
+        if not header_length.isdigit():
+            raise InvalidInput(f"Inference-Header-Content-Length '{header_length}' is not a non-negative integer")
+        size = int(header_length)
+        if size == 0:
+            raise InvalidInput("Inference-Header-Content-Length 0 (a raw binary body without JSON) is not supported")
+        if size > len(body):
+            raise InvalidInput(f"Inference-Header-Content-Length {size} exceeds the body's {len(body)} bytes")
+        view = memoryview(body)
+        json_part, binary = view[:size], view[size:]
+    doc = _json_object(json_part)
+    raw_inputs = doc.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise InvalidInput("request needs a non-empty 'inputs' array")
+    inputs: dict[str, np.ndarray] = {}
+    offset = 0
+    for item in raw_inputs:
+        name, datatype, shape = _tensor_header(item)
+        if name in inputs:
+            raise InvalidInput(f"input '{name}' appears twice")
+        params = item.get("parameters") or {}
+        if "binary_data_size" in params:
+            size = params["binary_data_size"]
+            if not isinstance(size, int) or size < 0:
+                raise InvalidInput(f"input '{name}': binary_data_size must be a non-negative integer")
+            if offset + size > len(binary):
+                raise InvalidInput(f"input '{name}': binary_data_size {size} but only {len(binary) - offset} bytes remain")
+            inputs[name] = from_wire(binary[offset:offset + size], datatype, shape, name)
+            offset += size
+        elif "shared_memory_region" in params:
+            raise Unsupported(f"input '{name}': shared memory is not supported")
+        elif "data" in item:
+            inputs[name] = from_json(item["data"], datatype, shape, name)
+        else:
+            raise InvalidInput(f"input '{name}' has neither 'data' nor parameters.binary_data_size")
+    if offset != len(binary):
+        raise InvalidInput(f"{len(binary) - offset} bytes of binary data follow the inputs unclaimed")
+    params = doc.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise InvalidInput("'parameters' must be an object")
+    default_binary = bool(params.get("binary_data_output", False))
+    binary_of: dict = {}
+    requested = doc.get("outputs")
+    names = None
+    if requested:
+        if not isinstance(requested, list):
+            raise InvalidInput("'outputs' must be an array")
+        names = []
+        for out in requested:
+            if not isinstance(out, dict) or not isinstance(out.get("name"), str):
+                raise InvalidInput("each requested output needs a 'name'")
+            oparams = out.get("parameters") or {}
+            if "classification" in oparams:
+                raise Unsupported(f"output '{out['name']}': the classification extension is not supported")
+            if "shared_memory_region" in oparams:
+                raise Unsupported(f"output '{out['name']}': shared memory is not supported")
+            names.append(out["name"])
+            binary_of[out["name"]] = bool(oparams.get("binary_data", default_binary))
+    binary_of[None] = default_binary
+    request_id = doc.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise InvalidInput("'id' must be a string")
+    return InferRequest(model, version, inputs, names, request_id, params), binary_of
+
+
+def _tensor_header(item) -> tuple[str, str, list[int]]:
+    if not isinstance(item, dict):
+        raise InvalidInput("each input must be an object with name, shape, datatype")
+    name = item.get("name")
+    if not isinstance(name, str):
+        raise InvalidInput("an input has no 'name'")
+    shape = item.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise InvalidInput(f"input '{name}': 'shape' must be an array of non-negative integers, got {shape!r}")
+    datatype = item.get("datatype")
+    if not isinstance(datatype, str) or parse_datatype(datatype) != datatype:
+        raise InvalidInput(f"input '{name}': unknown datatype {datatype!r} (expected one of {list(NUMPY_OF)})")
+    return name, datatype, shape
+
+
+def encode_infer(response: InferResponse, binary_of: dict) -> tuple[bytes, dict]:
+    """Response -> body and headers; binary outputs follow the JSON (binary tensor extension)."""
+    outputs = []
+    chunks = []
+    default_binary = binary_of[None]
+    for name, array in response.outputs.items():
+        datatype = v2_name(array.dtype)
+        entry: dict = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+        if binary_of.get(name, default_binary):
+            raw = to_wire(array)
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        elif datatype in ("BYTES", "BF16"):
+            entry["data"] = to_json(array)
+        else:
+            entry["data"] = np.ascontiguousarray(array).reshape(-1)
+        outputs.append(entry)
+    doc: dict = {"model_name": response.model, "model_version": response.version, "outputs": outputs}
+    if response.id is not None:
+        doc["id"] = response.id
+    header = orjson.dumps(doc, option=_JSON_NUMPY)
+    if not any(len(c) for c in chunks):
+        return header, {"Content-Type": "application/json"}
+    return b"".join([header, *chunks]), {
+        "Content-Type": "application/octet-stream",
+        "Inference-Header-Content-Length": str(len(header)),
+    }
