@@ -106,7 +106,7 @@ def to_wire(array: np.ndarray) -> bytes | memoryview:
     array = np.ascontiguousarray(array)
     if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("<"))
-    return memoryview(array).cast("B") if array.size else b""
+    return memoryview(array.reshape(-1).view(np.uint8)) if array.size else b""
 
 
 def from_wire(buffer: bytes | memoryview, datatype: str, shape: list[int], name: str) -> np.ndarray:

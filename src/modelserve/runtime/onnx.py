@@ -54,7 +54,8 @@ class OnnxRuntime(Runtime):
         self._bf16_inputs = {n for n, t in self._inputs.items() if t == "tensor(bfloat16)"}
         self._string_inputs = {n for n, t in self._inputs.items() if t == "tensor(string)"}
         self._output_types = {o.name: o.type for o in self.session.get_outputs()}
-        self._special_outputs = any(t in ("tensor(bfloat16)", "tensor(string)") for t in self._output_types.values())
+        self._bf16 = bool(self._bf16_inputs) or "tensor(bfloat16)" in self._output_types.values()
+        self._string_outputs = {n for n, t in self._output_types.items() if t == "tensor(string)"}
         self._all_outputs = list(self._output_types)
 
     def _providers(self) -> list[str]:
@@ -85,20 +86,22 @@ class OnnxRuntime(Runtime):
                 array = _to_text(array, name)
             feeds[name] = array
         try:
-            if self._bf16_inputs or self._special_outputs:
+            if self._bf16:
                 return self._infer_ort_values(feeds, names)
-            results = self.session.run(names, feeds)
+            results = dict(zip(names, self.session.run(names, feeds)))
         except InvalidInput:
             raise
         except Exception as exc:
             raise InvalidInput(f"model rejected the input: {exc}") from None
-        return dict(zip(names, results))
+        for name in self._string_outputs.intersection(results):
+            results[name] = _to_bytes(results[name])
+        return results
 
     def _infer_ort_values(self, feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
         # numpy has no bfloat16 ORT understands: hand ORT raw 16-bit buffers tagged as bfloat16
         values = {
             n: ort.OrtValue.ortvalue_from_numpy_with_onnx_type(np.ascontiguousarray(a).view(np.uint16), 16)
-            if n in self._bf16_inputs else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a) if a.dtype != object else a)
+            if n in self._bf16_inputs else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a))
             for n, a in feeds.items()
         }
         results = self.session.run_with_ort_values(names, values)
@@ -110,10 +113,7 @@ class OnnxRuntime(Runtime):
                 raw = (ctypes.c_uint16 * count).from_address(value.data_ptr()) if count else []
                 out[name] = np.array(raw, dtype=np.uint16).view(BF16).reshape(shape)
             else:
-                array = value.numpy()
-                if array.dtype == object:
-                    array = _to_bytes(array)
-                out[name] = array
+                out[name] = value.numpy()
         return out
 
 

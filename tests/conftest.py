@@ -1,0 +1,195 @@
+"""Shared test helpers: models built with onnx.helper, and a real server process on loopback."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+ONNX_TYPE = {
+    "BOOL": TensorProto.BOOL, "UINT8": TensorProto.UINT8, "UINT16": TensorProto.UINT16,
+    "UINT32": TensorProto.UINT32, "UINT64": TensorProto.UINT64, "INT8": TensorProto.INT8,
+    "INT16": TensorProto.INT16, "INT32": TensorProto.INT32, "INT64": TensorProto.INT64,
+    "FP16": TensorProto.FLOAT16, "FP32": TensorProto.FLOAT, "FP64": TensorProto.DOUBLE,
+    "BYTES": TensorProto.STRING, "BF16": TensorProto.BFLOAT16,
+}
+ALL_DATATYPES = list(ONNX_TYPE)
+
+
+def save_model(graph_nodes, inputs, outputs, path: Path, initializers=()) -> Path:
+    graph = helper.make_graph(graph_nodes, "g", inputs, outputs, initializer=list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def identity_model(path: Path, datatype: str, dims=("batch", 4)) -> Path:
+    """y = x for one datatype; a symbolic first dim makes the model batchable."""
+    t = ONNX_TYPE[datatype]
+    return save_model(
+        [helper.make_node("Identity", ["INPUT0"], ["OUTPUT0"])],
+        [helper.make_tensor_value_info("INPUT0", t, list(dims))],
+        [helper.make_tensor_value_info("OUTPUT0", t, list(dims))],
+        path,
+    )
+
+
+def mlp_model(path: Path, features: int = 16, hidden: int = 8, classes: int = 4, seed: int = 0) -> Path:
+    """A small two-layer network with fixed random weights: probs = softmax(relu(x W1 + b1) W2 + b2)."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.standard_normal((features, hidden)).astype(np.float32)
+    b1 = rng.standard_normal(hidden).astype(np.float32)
+    w2 = rng.standard_normal((hidden, classes)).astype(np.float32)
+    b2 = rng.standard_normal(classes).astype(np.float32)
+    inits = [helper.make_tensor(n, TensorProto.FLOAT, a.shape, a.flatten()) for n, a in
+             (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2))]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h0"]), helper.make_node("Add", ["h0", "b1"], ["h1"]),
+        helper.make_node("Relu", ["h1"], ["h2"]), helper.make_node("MatMul", ["h2", "w2"], ["l0"]),
+        helper.make_node("Add", ["l0", "b2"], ["logits"]), helper.make_node("Softmax", ["logits"], ["probs"], axis=-1),
+    ]
+    return save_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", classes]),
+         helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
+        path, inits,
+    )
+
+
+def multi_io_model(path: Path) -> Path:
+    """Inputs a (FP32 [b,3]), b (INT64 [b,2]); outputs sum (FP32 [b,3] = a + 1), prod (INT64 [b,2] = b * 2),
+    cat (FP32 [b,5] = concat(a, float(b)))."""
+    one = helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])
+    two = helper.make_tensor("two", TensorProto.INT64, [1], [2])
+    nodes = [
+        helper.make_node("Add", ["a", "one"], ["sum"]),
+        helper.make_node("Mul", ["b", "two"], ["prod"]),
+        helper.make_node("Cast", ["b"], ["bf"], to=TensorProto.FLOAT),
+        helper.make_node("Concat", ["a", "bf"], ["cat"], axis=1),
+    ]
+    return save_model(
+        nodes,
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["batch", 3]),
+         helper.make_tensor_value_info("b", TensorProto.INT64, ["batch", 2])],
+        [helper.make_tensor_value_info("sum", TensorProto.FLOAT, ["batch", 3]),
+         helper.make_tensor_value_info("prod", TensorProto.INT64, ["batch", 2]),
+         helper.make_tensor_value_info("cat", TensorProto.FLOAT, ["batch", 5])],
+        path, [one, two],
+    )
+
+
+def scale_model(path: Path, factor: float, dims=("batch", 4)) -> Path:
+    """y = x * factor (FP32): versions of one model that answer differently."""
+    f = helper.make_tensor("f", TensorProto.FLOAT, [1], [factor])
+    return save_model(
+        [helper.make_node("Mul", ["x", "f"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(dims))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(dims))],
+        path, [f],
+    )
+
+
+class Server:
+    """``modelserve serve`` in a child process on 127.0.0.1 with free ports."""
+
+    def __init__(self, repository: Path, *args: str, env: dict | None = None):
+        self.repository = repository
+        cmd = [sys.executable, "-m", "modelserve", "serve", "--model-repository", str(repository),
+               "--http-port", "0", "--grpc-port", "0", *args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})}, text=True, start_new_session=True)
+        self.output: list[str] = []
+        self._ready = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        deadline = time.monotonic() + 60
+        while not self._ready.wait(0.2):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("server did not start:\n" + self.log())
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.output.append(line)
+            m = re.match(r"modelserve ready http=([\d.]+):(\d+) grpc=([\d.]+):(\d+)", line)
+            if m:
+                self.http_port, self.grpc_port = int(m.group(2)), int(m.group(4))
+                self.http_url = f"127.0.0.1:{self.http_port}"
+                self.grpc_url = f"127.0.0.1:{self.grpc_port}"
+                self._ready.set()
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._reader.join(5)
+        return self.proc.returncode
+
+    def log(self) -> str:
+        return "".join(self.output)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+@pytest.fixture(scope="session")
+def datatype_repo(tmp_path_factory) -> Path:
+    """One identity model per datatype (``identity_fp32``...), a multi-io model and an MLP."""
+    repo = tmp_path_factory.mktemp("repo")
+    for dt in ALL_DATATYPES:
+        identity_model(repo / f"identity_{dt.lower()}" / "1" / "model.onnx", dt)
+    multi_io_model(repo / "multi" / "1" / "model.onnx")
+    mlp_model(repo / "mlp" / "1" / "model.onnx")
+    (repo / "mlp" / "config.pbtxt").write_text(
+        'name: "mlp"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 16\n'
+        'input [ { name: "x" data_type: TYPE_FP32 dims: [ 16 ] } ]\n'
+        'output [ { name: "probs" data_type: TYPE_FP32 dims: [ 4 ] },'
+        ' { name: "logits" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
+        "dynamic_batching { preferred_batch_size: [ 4, 8 ] max_queue_delay_microseconds: 2000 }\n"
+        "instance_group [ { count: 2 kind: KIND_CPU } ]\n"
+    )
+    return repo
+
+
+@pytest.fixture(scope="session")
+def server(datatype_repo) -> Server:
+    with Server(datatype_repo) as srv:
+        yield srv
+
+
+def sample(datatype: str, shape, rng=None) -> np.ndarray:
+    """Random data of a V2 datatype, as the numpy array a client would send."""
+    from modelserve.datatypes import NUMPY_OF
+
+    rng = rng or np.random.default_rng(0)
+    if datatype == "BYTES":
+        words = np.array([f"w{i}-é".encode() for i in range(int(np.prod(shape)))], dtype=object)
+        return words.reshape(shape)
+    if datatype == "BOOL":
+        return rng.integers(0, 2, shape).astype(bool)
+    dtype = NUMPY_OF[datatype]
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        return rng.integers(max(info.min, -1000), min(info.max, 1000), shape, endpoint=True).astype(dtype)
+    return rng.standard_normal(shape).astype(dtype)
