@@ -48,12 +48,15 @@ def serve(
 def demo(
     model_repository: Path = typer.Option(Path("models"), help="Where to put the demo model"),
     force: bool = typer.Option(False, help="Rebuild even if it exists"),
+    http_port: int = typer.Option(8000, help="Port used in the printed examples"),
+    grpc_port: int = typer.Option(8001, help="Port used in the printed examples"),
 ):
     """Build the demo model (a digits classifier, scikit-learn -> ONNX) into a model repository.
 
     Example: modelserve demo --model-repository models
     """
-    from modelserve.demo import build_demo_repository
+    from modelserve.demo import build_demo_repository, usage
 
     path = build_demo_repository(model_repository, force)
-    typer.echo(f"demo model at {path}")
+    typer.echo(f"demo model at {path}\n")
+    typer.echo(usage(http_port, grpc_port))

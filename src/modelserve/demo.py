@@ -52,3 +52,24 @@ def build_demo_repository(repository: Path, force: bool = False) -> Path:
     (repository / DEMO_MODEL / "config.yaml").write_text(CONFIG)
     np.save(repository / DEMO_MODEL / "sample.npy", x[:4])
     return target
+
+
+def usage(http_port: int = 8000, grpc_port: int = 8001) -> str:
+    """How to call the demo model once it is served: curl, and tritonclient over HTTP and gRPC."""
+    zeros = ",".join(["0"] * 64)
+    return f"""Call it (in another terminal) once the server prints 'modelserve ready':
+
+  curl -s 127.0.0.1:{http_port}/v2/models/{DEMO_MODEL}
+  curl -s -X POST 127.0.0.1:{http_port}/v2/models/{DEMO_MODEL}/infer \\
+       -d '{{"inputs":[{{"name":"pixels","shape":[1,64],"datatype":"FP32","data":[{zeros}]}}]}}'
+
+.venv/bin/python - <<'PY'
+import numpy as np, tritonclient.http as http, tritonclient.grpc as grpc
+from sklearn.datasets import load_digits
+digits = load_digits(); x = digits.data[:8].astype(np.float32)
+for mod, url in ((http, "127.0.0.1:{http_port}"), (grpc, "127.0.0.1:{grpc_port}")):
+    c = mod.InferenceServerClient(url)
+    i = mod.InferInput("pixels", list(x.shape), "FP32"); i.set_data_from_numpy(x)
+    print(mod.__name__, c.infer("{DEMO_MODEL}", [i]).as_numpy("label"), "expected", digits.target[:8])
+PY
+"""
