@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 ONNX_TYPE = {
     "BOOL": TensorProto.BOOL, "UINT8": TensorProto.UINT8, "UINT16": TensorProto.UINT16,
@@ -54,8 +54,7 @@ def mlp_model(path: Path, features: int = 16, hidden: int = 8, classes: int = 4,
     b1 = rng.standard_normal(hidden).astype(np.float32)
     w2 = rng.standard_normal((hidden, classes)).astype(np.float32)
     b2 = rng.standard_normal(classes).astype(np.float32)
-    inits = [helper.make_tensor(n, TensorProto.FLOAT, a.shape, a.flatten()) for n, a in
-             (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2))]
+    inits = [numpy_helper.from_array(a, n) for n, a in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2))]
     nodes = [
         helper.make_node("MatMul", ["x", "w1"], ["h0"]), helper.make_node("Add", ["h0", "b1"], ["h1"]),
         helper.make_node("Relu", ["h1"], ["h2"]), helper.make_node("MatMul", ["h2", "w2"], ["l0"]),

@@ -78,6 +78,11 @@ async def serve(settings: ServerSettings) -> None:
         loop.add_signal_handler(sig, stop.set)
 
     await manager.start(settings.load_models if settings.model_control_mode == "explicit" else None)
+    while not http.started:  # the ready line promises a listening socket
+        if http_task.done():
+            await http_task
+            raise OSError("the HTTP server stopped during start-up")
+        await asyncio.sleep(0.01)
     dataplane.ready = True
     if health:
         await health.set("", SERVING)

@@ -11,6 +11,7 @@ Three sources, one meaning:
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -277,6 +278,9 @@ def read_pbtxt(text: str, folder_name: str) -> ModelConfig:
     except text_format.ParseError as exc:
         raise ModelLoadError(f"model '{folder_name}': config.pbtxt does not parse: {exc}") from None
     data = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    if re.search(r"^\s*max_batch_size\s*:", text, re.M):
+        # proto3 drops an explicit 0; for us 0 (no batching) and absent (decide from the file) differ
+        data["max_batch_size"] = message.max_batch_size
     return from_triton(data, folder_name)
 
 

@@ -54,11 +54,15 @@ class Dataplane:
         return {"name": "modelserve", "version": modelserve.__version__, "extensions": EXTENSIONS}
 
     def model_ready(self, model: str, version: str | None = None) -> bool:
-        """True when ready; raises ModelNotFound for an unknown model or version."""
+        """True when ready; False when unloaded; ModelNotFound when the repository has no such model."""
         try:
             self.manager.get(model, version)
         except ModelNotReady:
             return False
+        except ModelNotFound:
+            if model not in self.manager.models and self.manager.in_repository(model):
+                return False
+            raise
         return True
 
     def model_metadata(self, model: str, version: str | None = None) -> dict:

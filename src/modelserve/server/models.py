@@ -85,7 +85,9 @@ class ModelManager:
         if not self.repository.is_dir():
             raise FileNotFoundError(f"model repository {self.repository} is not a folder")
         names = models if models is not None else ([] if self.control_mode == "explicit" else self.repository_models())
-        await asyncio.gather(*(self.load(n) for n in names))
+        for result in await asyncio.gather(*(self.load(n) for n in names), return_exceptions=True):
+            if isinstance(result, BaseException) and not isinstance(result, ModelServeError):
+                raise result  # a bug, not a broken model: broken models are in the index already
         if self.control_mode == "poll":
             self._poller = asyncio.get_running_loop().create_task(self._poll(), name="repository-poll")
 
@@ -100,6 +102,9 @@ class ModelManager:
             d.name for d in self.repository.iterdir()
             if d.is_dir() and not d.name.startswith(".") and d.name != "stats"
         )
+
+    def in_repository(self, name: str) -> bool:
+        return "/" not in name and not name.startswith(".") and (self.repository / name).is_dir()
 
     # -- lookups (hot path: memory only) ---------------------------------------------------
 
@@ -195,7 +200,7 @@ class ModelManager:
         try:
             config = override or await asyncio.to_thread(read_model_config, model_dir)
         except ModelServeError as exc:
-            log.error("model '%s': %s", name, exc.message)
+            log.error("%s", exc.message)
             return ModelEntry(name, {}, reason=exc.message)
         available = await asyncio.to_thread(_version_folders, model_dir)
         selected = config.version_policy.select(available)

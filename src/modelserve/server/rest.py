@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from modelserve.datatypes import NUMPY_OF, from_json, from_wire, parse_datatype, to_json, to_wire, v2_name
+from modelserve.datatypes import NUMPY_OF, from_json, from_wire, to_json, to_wire, v2_name
 from modelserve.errors import InvalidInput, ModelServeError, PayloadTooLarge, QueueFull, Unsupported
 from modelserve.server.dataplane import Dataplane, InferRequest, InferResponse
 
@@ -110,6 +110,7 @@ def create_app(dataplane: Dataplane, max_request_bytes: int) -> FastAPI:
 
     @versioned("/infer", "POST")
     async def infer(request: Request, model: str, version: int | None = None):
+        dataplane.manager.get(model, _v(version))  # unknown or unready model: say so before parsing
         body = await read_body(request, max_request_bytes)
         infer_request, binary_outputs = parse_infer(body, request.headers.get(HEADER_LENGTH), model, _v(version))
         response = await dataplane.infer(infer_request)
@@ -279,7 +280,7 @@ def _tensor_header(item) -> tuple[str, str, list[int]]:
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise InvalidInput(f"input '{name}': 'shape' must be an array of non-negative integers, got {shape!r}")
     datatype = item.get("datatype")
-    if not isinstance(datatype, str) or parse_datatype(datatype) != datatype:
+    if not isinstance(datatype, str) or datatype not in NUMPY_OF:  # V2 names only, exact case
         raise InvalidInput(f"input '{name}': unknown datatype {datatype!r} (expected one of {list(NUMPY_OF)})")
     return name, datatype, shape
 
