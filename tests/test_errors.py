@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 
+import grpc
 import httpx
 import numpy as np
 import pytest
@@ -18,7 +19,6 @@ import tritonclient.http as httpclient
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-import grpc
 from conftest import Server
 
 X_JSON = {"name": "x", "shape": [1, 16], "datatype": "FP32", "data": [0.5] * 16}

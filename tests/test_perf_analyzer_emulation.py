@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 
+import grpc
 import httpx
 import numpy as np
 import pytest
@@ -22,7 +23,6 @@ from google.protobuf.json_format import MessageToDict, MessageToJson
 from onnx import TensorProto, helper
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-import grpc
 from conftest import Server, save_model
 
 V2_DATATYPES = {"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",

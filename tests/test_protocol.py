@@ -13,6 +13,7 @@ import json
 import queue
 import zlib
 
+import grpc
 import httpx
 import numpy as np
 import pytest
@@ -22,11 +23,11 @@ import tritonclient.http.aio as aiohttpclient
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-import grpc
 
-MODELS = {"mlp", "multi", *(f"identity_{d}" for d in
-                            ("bool", "uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64",
-                             "fp16", "fp32", "fp64", "bytes", "bf16"))}
+@pytest.fixture(scope="module")
+def models(datatype_repo) -> set[str]:
+    """Every model folder of the repository (all load in mode "none")."""
+    return {d.name for d in datatype_repo.iterdir() if d.is_dir()}
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +204,7 @@ def _walk_counters(node, path=""):
         yield path, node
 
 
-def test_statistics_http(http, raw):
+def test_statistics_http(http, raw, models):
     def mlp_stats():
         entries = raw.get("/v2/models/mlp/stats").json()["model_stats"]
         assert len(entries) == 1
@@ -229,11 +230,11 @@ def test_statistics_http(http, raw):
 
     assert http.get_inference_statistics("mlp", "1")["model_stats"] == [mlp_stats()]
     every = raw.get("/v2/models/stats").json()["model_stats"]
-    assert {e["name"] for e in every} == MODELS
+    assert {e["name"] for e in every} == models
     assert all(e["version"] == "1" for e in every)
 
 
-def test_statistics_grpc(grpc_client):
+def test_statistics_grpc(grpc_client, models):
     def success_count():
         reply = grpc_client.get_inference_statistics("mlp")
         assert [(s.name, s.version) for s in reply.model_stats] == [("mlp", "1")]
@@ -245,15 +246,15 @@ def test_statistics_grpc(grpc_client):
     assert after.success.count == before.success.count + 1
     assert after.queue.count == before.queue.count + 1
     every = grpc_client.get_inference_statistics()
-    assert {s.name for s in every.model_stats} == MODELS
+    assert {s.name for s in every.model_stats} == models
 
 
 # -- repository --------------------------------------------------------------------------------
 
-def test_repository_index(http, grpc_client):
+def test_repository_index(http, grpc_client, models):
     rows = http.get_model_repository_index()
     assert isinstance(rows, list)
-    assert {r["name"] for r in rows} == MODELS
+    assert {r["name"] for r in rows} == models
     assert all(r["version"] == "1" and r["state"] == "READY" for r in rows)
 
     reply = grpc_client.get_model_repository_index()
