@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+import tritonclient.http.aio as aioclient
 from onnx import TensorProto, helper
 
-from conftest import mlp_model, save_model
+from conftest import Server, mlp_model, save_model
 from modelserve.errors import InvalidInput, QueueFull
 from modelserve.runtime import RuntimeOptions
 from modelserve.runtime.onnx import OnnxRuntime
@@ -20,30 +21,54 @@ from modelserve.server.batcher import DynamicBatcher
 from modelserve.server.stats import ModelStats
 
 
-def _direct(repo, x: np.ndarray) -> dict[str, np.ndarray]:
-    session = ort.InferenceSession(str(repo / "mlp" / "1" / "model.onnx"))
-    return dict(zip(["probs", "logits"], session.run(["probs", "logits"], {"x": x})))
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """An MLP with a 131072-wide hidden layer: ~10 MB of weights read per call, so that requests
+    sent together pile up while one runs (a tiny model finishes before the next one arrives)."""
+    repo = tmp_path_factory.mktemp("wide")
+    mlp_model(repo / "mlp" / "1" / "model.onnx", features=16, hidden=131072)
+    (repo / "mlp" / "config.pbtxt").write_text(
+        "max_batch_size: 16\ndynamic_batching { max_queue_delay_microseconds: 2000 }\n")
+    with Server(repo) as srv:
+        yield srv
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_64_concurrent_requests_match_direct_onnxruntime(server, datatype_repo, protocol):
+def test_64_concurrent_requests_match_direct_onnxruntime(wide, protocol):
+    server = wide
     rng = np.random.default_rng(42)
     batches = [rng.standard_normal((int(rng.integers(1, 9)), 16)).astype(np.float32) for _ in range(64)]
-    expected = [_direct(datatype_repo, x) for x in batches]
-    mod = httpclient if protocol == "http" else grpcclient
+    session = ort.InferenceSession(str(server.repository / "mlp" / "1" / "model.onnx"))
+    expected = [dict(zip(["probs", "logits"], session.run(["probs", "logits"], {"x": x}))) for x in batches]
     url = server.http_url if protocol == "http" else server.grpc_url
     stats_client = httpclient.InferenceServerClient(server.http_url)
     before = stats_client.get_inference_statistics("mlp")["model_stats"][0]
 
-    def call(x):
-        client = mod.InferenceServerClient(url)  # one connection per caller, as separate clients would
-        inp = mod.InferInput("x", list(x.shape), "FP32")
-        inp.set_data_from_numpy(x)
-        result = client.infer("mlp", [inp])
-        return {name: result.as_numpy(name) for name in ("probs", "logits")}
-
-    with ThreadPoolExecutor(64) as pool:
-        results = list(pool.map(call, batches))
+    # all 64 in flight at once
+    if protocol == "http":
+        async def send_all():
+            async with aioclient.InferenceServerClient(url, conn_limit=64) as client:
+                async def one(x):
+                    inp = aioclient.InferInput("x", list(x.shape), "FP32")
+                    inp.set_data_from_numpy(x)
+                    return await client.infer("mlp", [inp])
+                return await asyncio.gather(*(one(x) for x in batches))
+        answers = asyncio.run(send_all())
+    else:
+        client = grpcclient.InferenceServerClient(url)
+        pending = []
+        for x in batches:
+            inp = grpcclient.InferInput("x", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x)
+            done = Future()
+            client.async_infer("mlp", [inp], callback=lambda result, error, done=done: done.set_result((result, error)))
+            pending.append(done)
+        answers = []
+        for done in pending:
+            result, error = done.result(timeout=60)
+            assert error is None, error
+            answers.append(result)
+    results = [{name: a.as_numpy(name) for name in ("probs", "logits")} for a in answers]
     for got, want in zip(results, expected):
         for name in ("probs", "logits"):
             assert got[name].shape == want[name].shape

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import sys
@@ -104,6 +105,9 @@ async def serve(settings: ServerSettings) -> None:
 
 
 def run(settings: ServerSettings) -> None:
+    # Inference threads need the GIL back to hand results over; with the default 5 ms switch
+    # interval a busy event loop keeps them waiting that long per batch. Measured in benchmarks/.
+    sys.setswitchinterval(float(os.environ.get("MODELSERVE_SWITCH_INTERVAL", "0.0005")))
     try:
         import uvloop
 

@@ -6,8 +6,8 @@ compatible requests at the head (same non-batch shapes, same requested outputs),
 model in its own thread (ONNX Runtime releases the GIL) and hands each request its slice.
 
 Waiting: a lone request is never taxed. The worker waits (at most ``max_queue_delay``) only while
-fewer requests are queued than made up the previous batch, i.e. while recent traffic says more
-are on their way; under a steady load of N concurrent clients batches settle at N.
+recent traffic says more requests are on their way: fewer are queued than made up the previous
+batch, or another instance is busy. Under a steady load of N concurrent clients batches settle at N.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ class DynamicBatcher:
         self._queue: deque[_Pending] = deque()
         self._work = asyncio.Event()
         self._expected = 1
+        self._busy = 0  # workers running a batch now
         self._closing = False
         self._stopped = False
         self._executors = [ThreadPoolExecutor(1, thread_name_prefix=f"{name}-{i}") for i in range(len(runtimes))]
@@ -109,7 +110,11 @@ class DynamicBatcher:
                     await self._wait_for_fuller_batch()
                 batch = self._take()
                 if batch:
-                    await self._run(batch, runtime, executor, loop)
+                    self._busy += 1
+                    try:
+                        await self._run(batch, runtime, executor, loop)
+                    finally:
+                        self._busy -= 1
         finally:
             self._live_workers -= 1
             if self._live_workers == 0:
@@ -136,7 +141,7 @@ class DynamicBatcher:
         while self._queue:
             rows, count = self._compatible()
             remaining = deadline - time.perf_counter_ns()
-            if rows >= target or count >= self._expected or remaining <= 0:
+            if rows >= target or remaining <= 0 or (count >= self._expected and not self._busy):
                 return
             self._work.clear()
             try:

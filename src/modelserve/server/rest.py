@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import re
 import zlib
 
 import numpy as np
@@ -32,12 +33,19 @@ def json_response(content, status: int = 200, headers: dict | None = None) -> Re
     return Response(orjson.dumps(content), status, headers, media_type="application/json")
 
 
+def error_parts(exc: ModelServeError) -> tuple[int, bytes, dict]:
+    headers = {"Content-Type": "application/json"}
+    if isinstance(exc, QueueFull):
+        headers["Retry-After"] = str(exc.retry_after_s)
+    return exc.http_status, orjson.dumps({"error": exc.message}), headers
+
+
 def error_response(exc: ModelServeError) -> Response:
-    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, QueueFull) else None
-    return json_response({"error": exc.message}, exc.http_status, headers)
+    status, body, headers = error_parts(exc)
+    return Response(body, status, headers)
 
 
-def create_app(dataplane: Dataplane, max_request_bytes: int) -> FastAPI:
+def create_app(dataplane: Dataplane, max_request_bytes: int) -> "InferRoute":
     app = FastAPI(title="modelserve", version=dataplane.server_metadata()["version"],
                   description="KServe V2 / Open Inference Protocol with Triton's extensions")
 
@@ -108,31 +116,22 @@ def create_app(dataplane: Dataplane, max_request_bytes: int) -> FastAPI:
     async def model_stats(model: str, version: int | None = None):
         return json_response(dataplane.statistics(model, _v(version)))
 
-    @versioned("/infer", "POST")
-    async def infer(request: Request, model: str, version: int | None = None):
-        dataplane.manager.get(model, _v(version))  # unknown or unready model: say so before parsing
-        body = await read_body(request, max_request_bytes)
-        infer_request, binary_outputs = parse_infer(body, request.headers.get(HEADER_LENGTH), model, _v(version))
-        response = await dataplane.infer(infer_request)
-        content, headers = encode_infer(response, binary_outputs)
-        return compress(request, content, headers)
-
     # -- repository ----------------------------------------------------------------------------
 
     @app.post("/v2/repository/index")
     async def repository_index(request: Request):
-        doc = _json_object(await read_body(request, max_request_bytes), allow_empty=True)
+        doc = _json_object(await read_body(request.headers, request.stream(), max_request_bytes), allow_empty=True)
         return json_response(dataplane.repository_index(bool(doc.get("ready", False))))
 
     @app.post("/v2/repository/models/{model}/load")
     async def load(request: Request, model: str):
-        doc = _json_object(await read_body(request, max_request_bytes), allow_empty=True)
+        doc = _json_object(await read_body(request.headers, request.stream(), max_request_bytes), allow_empty=True)
         await dataplane.load(model, doc.get("parameters") or {})
         return json_response({"name": model, "load": True})
 
     @app.post("/v2/repository/models/{model}/unload")
     async def unload(request: Request, model: str):
-        _json_object(await read_body(request, max_request_bytes), allow_empty=True)
+        _json_object(await read_body(request.headers, request.stream(), max_request_bytes), allow_empty=True)
         await dataplane.unload(model)
         return json_response({"name": model, "unload": True})
 
@@ -140,29 +139,80 @@ def create_app(dataplane: Dataplane, max_request_bytes: int) -> FastAPI:
     async def named_repository(repository: str, model: str, action: str):
         raise Unsupported("named repositories are not supported; use /v2/repository/models/...")
 
-    return app
+    return InferRoute(app, dataplane, max_request_bytes)
+
+
+class MethodNotAllowed(ModelServeError):
+    http_status = 405
+
+
+INFER_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([0-9]+))?/infer$")
+
+
+class InferRoute:
+    """The hot path, ``POST /v2/models/{m}[/versions/{v}]/infer``, as a bare ASGI app in front of
+    FastAPI: FastAPI's routing and middleware cost more CPU than the whole request otherwise
+    (profiled under perf_analyzer). Every other path goes to the FastAPI app."""
+
+    def __init__(self, app: FastAPI, dataplane: Dataplane, max_request_bytes: int):
+        self.app = app
+        self.dataplane = dataplane
+        self.limit = max_request_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        match = INFER_PATH.match(scope["path"]) if scope["type"] == "http" else None
+        if match is None:
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        model, version = match.group(1), match.group(2)
+        try:
+            if scope["method"] != "POST":
+                raise MethodNotAllowed("Method Not Allowed")
+            self.dataplane.manager.get(model, version)  # unknown or unready model: say so before parsing
+            body = await read_body(headers, _chunks(receive), self.limit)
+            request, binary_outputs = parse_infer(body, headers.get(HEADER_LENGTH), model, version)
+            response = await self.dataplane.infer(request)
+            content, out = compress(headers.get("accept-encoding", ""), *encode_infer(response, binary_outputs))
+            status = 200
+        except ModelServeError as exc:
+            status, content, out = error_parts(exc)
+        except Exception as exc:  # noqa: BLE001 - the server answers, whatever happened
+            log.exception("unexpected error in infer")
+            status, content, out = 500, orjson.dumps({"error": f"internal error: {exc}"}), {"Content-Type": "application/json"}
+        raw_headers = [(k.lower().encode(), v.encode()) for k, v in out.items()]
+        raw_headers.append((b"content-length", str(len(content)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+        await send({"type": "http.response.body", "body": content})
+
+
+async def _chunks(receive):
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise InvalidInput("client disconnected while sending the body")
+        yield message.get("body", b"")
+        if not message.get("more_body", False):
+            return
 
 
 def _v(version: int | None) -> str | None:
     return None if version is None else str(version)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, decompressed, refusing anything past ``limit`` bytes (before and after)."""
-    declared = request.headers.get("content-length")
+async def read_body(headers, chunks, limit: int) -> bytes:
+    """The body from an async iterator of chunks, decompressed, refusing anything past ``limit``
+    bytes (declared, received, and after decompression). ``headers``: lower-case names."""
+    declared = headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes")
-    if declared:
-        body = await request.body()
-    else:  # chunked: count as it arrives
-        parts, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-            parts.append(chunk)
-        body = b"".join(parts)
-    encoding = request.headers.get("content-encoding", "identity").lower()
+    parts, size = [], 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+        parts.append(chunk)
+    body = parts[0] if len(parts) == 1 else b"".join(parts)
+    encoding = headers.get("content-encoding", "identity").lower()
     if encoding in ("gzip", "deflate"):
         wbits = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS
         inflater = zlib.decompressobj(wbits)
@@ -177,13 +227,13 @@ async def read_body(request: Request, limit: int) -> bytes:
     return body
 
 
-def compress(request: Request, content: bytes, headers: dict) -> Response:
-    accepted = request.headers.get("accept-encoding", "")
+def compress(accepted: str, content: bytes, headers: dict) -> tuple[bytes, dict]:
+    """Compress a response body when the client's Accept-Encoding allows it."""
     if "gzip" in accepted:
         content, headers["Content-Encoding"] = gzip.compress(content, 1), "gzip"
     elif "deflate" in accepted:
         content, headers["Content-Encoding"] = zlib.compress(content, 1), "deflate"
-    return Response(content, 200, headers)
+    return content, headers
 
 
 def _json_object(raw: bytes | memoryview, allow_empty: bool = False) -> dict:
