@@ -7,6 +7,7 @@ BYTES tensors are numpy ``object`` arrays holding ``bytes``.
 
 from __future__ import annotations
 
+import math
 import struct
 
 import ml_dtypes
@@ -111,7 +112,7 @@ def to_wire(array: np.ndarray) -> bytes | memoryview:
 
 def from_wire(buffer: bytes | memoryview, datatype: str, shape: list[int], name: str) -> np.ndarray:
     """Raw bytes -> array of ``shape``; checks the byte count against the shape."""
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)
     if datatype == "BYTES":
         return decode_bytes(buffer, count, name).reshape(shape)
     dtype = NUMPY_OF[datatype]
@@ -128,7 +129,7 @@ def from_json(data, datatype: str, shape: list[int], name: str) -> np.ndarray:
     """JSON ``data`` (flat or nested) -> array of ``shape``; checks the element count."""
     if datatype == "BF16":
         raise InvalidInput(f"input '{name}': BF16 cannot travel as JSON; send it as binary data")
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)
     try:
         if datatype == "BYTES":
             flat = np.array(_flatten(data), dtype=object)

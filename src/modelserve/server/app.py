@@ -108,12 +108,14 @@ def run(settings: ServerSettings) -> None:
     # Inference threads need the GIL back to hand results over; with the default 5 ms switch
     # interval a busy event loop keeps them waiting that long per batch. Measured in benchmarks/.
     sys.setswitchinterval(float(os.environ.get("MODELSERVE_SWITCH_INTERVAL", "0.0005")))
-    try:
-        import uvloop
+    loop_factory = None
+    if os.environ.get("MODELSERVE_EVENT_LOOP", "uvloop") == "uvloop":
+        try:
+            import uvloop
 
-        loop_factory = uvloop.new_event_loop
-    except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
-        loop_factory = None
+            loop_factory = uvloop.new_event_loop
+        except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
+            pass
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             runner.run(serve(settings))

@@ -16,7 +16,8 @@ import asyncio
 import logging
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+import queue
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,10 +63,10 @@ class DynamicBatcher:
         self._busy = 0  # workers running a batch now
         self._closing = False
         self._stopped = False
-        self._executors = [ThreadPoolExecutor(1, thread_name_prefix=f"{name}-{i}") for i in range(len(runtimes))]
+        self._threads = [InstanceThread(f"{name}-{i}") for i in range(len(runtimes))]
         self._workers = [
-            asyncio.get_running_loop().create_task(self._worker(rt, ex), name=f"batcher-{name}-{i}")
-            for i, (rt, ex) in enumerate(zip(runtimes, self._executors))
+            asyncio.get_running_loop().create_task(self._worker(rt, th), name=f"batcher-{name}-{i}")
+            for i, (rt, th) in enumerate(zip(runtimes, self._threads))
         ]
         self._live_workers = len(self._workers)
 
@@ -90,15 +91,13 @@ class DynamicBatcher:
         self._closing = True
         self._work.set()
         await asyncio.gather(*self._workers, return_exceptions=True)
-        loop = asyncio.get_running_loop()
-        for runtime, executor in zip(self._runtimes, self._executors):
-            await loop.run_in_executor(executor, runtime.unload)
-            executor.shutdown(wait=False)
+        for runtime, thread in zip(self._runtimes, self._threads):
+            await thread.run(runtime.unload)
+            thread.stop()
 
     # -- worker side -------------------------------------------------------------------------
 
-    async def _worker(self, runtime: Runtime, executor: ThreadPoolExecutor) -> None:
-        loop = asyncio.get_running_loop()
+    async def _worker(self, runtime: Runtime, thread: "InstanceThread") -> None:
         try:
             while True:
                 while not self._queue:
@@ -112,7 +111,7 @@ class DynamicBatcher:
                 if batch:
                     self._busy += 1
                     try:
-                        await self._run(batch, runtime, executor, loop)
+                        await self._run(batch, runtime, thread)
                     finally:
                         self._busy -= 1
         finally:
@@ -144,10 +143,10 @@ class DynamicBatcher:
             if rows >= target or remaining <= 0 or (count >= self._expected and not self._busy):
                 return
             self._work.clear()
-            try:
-                await asyncio.wait_for(self._work.wait(), remaining / 1e9)
-            except TimeoutError:
-                return
+            # cheaper than asyncio.wait_for (no extra task); a spurious wake just re-checks
+            timer = asyncio.get_running_loop().call_later(remaining / 1e9, self._work.set)
+            await self._work.wait()
+            timer.cancel()
 
     def _take(self) -> list[_Pending]:
         if not self._queue:
@@ -179,7 +178,7 @@ class DynamicBatcher:
         self._expected = len(taken)
         return taken
 
-    async def _run(self, batch: list[_Pending], runtime: Runtime, executor, loop) -> None:
+    async def _run(self, batch: list[_Pending], runtime: Runtime, thread: "InstanceThread") -> None:
         started = time.perf_counter_ns()
         queue_ns = sum(started - p.enqueued_ns for p in batch)
         first = batch[0]
@@ -189,7 +188,7 @@ class DynamicBatcher:
             else:
                 merged = {name: np.concatenate([p.inputs[name] for p in batch]) for name in first.inputs}
             t_in = time.perf_counter_ns()
-            results = await loop.run_in_executor(executor, runtime.infer, merged, first.outputs)
+            results = await thread.run(runtime.infer, merged, first.outputs)
             t_infer = time.perf_counter_ns()
             self._deliver(batch, results)
             done = time.perf_counter_ns()
@@ -199,7 +198,7 @@ class DynamicBatcher:
             if len(batch) > 1:
                 # one bad request must not fail its neighbours: run them one by one
                 for pending in batch:
-                    await self._run([pending], runtime, executor, loop)
+                    await self._run([pending], runtime, thread)
                 return
             if not isinstance(exc, ModelServeError):
                 log.exception("model '%s' failed", self.name)
@@ -229,3 +228,43 @@ class DynamicBatcher:
 def _fail(pending: _Pending, exc: Exception) -> None:
     if not pending.future.done():
         pending.future.set_exception(exc)
+
+
+class InstanceThread:
+    """One model instance's own thread: runs a call, hands the result back to the event loop.
+
+    Leaner than ``loop.run_in_executor`` (no concurrent.futures chain): one queue put, one
+    ``call_soon_threadsafe``. For a tiny model that hop is most of the inference time.
+    """
+
+    def __init__(self, name: str):
+        self._loop = asyncio.get_running_loop()
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+
+    def run(self, fn, *args) -> asyncio.Future:
+        future = self._loop.create_future()
+        self._calls.put((future, fn, args))
+        return future
+
+    def stop(self) -> None:
+        self._calls.put(None)
+
+    def _serve(self) -> None:
+        while (call := self._calls.get()) is not None:
+            future, fn, args = call
+            try:
+                result, error = fn(*args), None
+            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+                result, error = None, exc
+            self._loop.call_soon_threadsafe(_settle, future, result, error)
+
+
+def _settle(future: asyncio.Future, result, error) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 
 import grpc
 import numpy as np
 from google.protobuf import json_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from modelserve.datatypes import NUMPY_OF, from_wire, parse_datatype, to_wire, v2_name
+from modelserve.datatypes import NUMPY_OF, from_wire, to_wire, v2_name
 from modelserve.errors import InvalidInput, ModelServeError
 from modelserve.server.dataplane import Dataplane, InferRequest, InferResponse
 from modelserve.server.proto import inference_pb2 as pb
@@ -159,7 +160,7 @@ def decode_request(request: pb.ModelInferRequest) -> InferRequest:
         name, shape = tensor.name, list(tensor.shape)
         if name in inputs:
             raise InvalidInput(f"input '{name}' appears twice")
-        if tensor.datatype not in NUMPY_OF or parse_datatype(tensor.datatype) != tensor.datatype:
+        if tensor.datatype not in NUMPY_OF:
             raise InvalidInput(f"input '{name}': unknown datatype '{tensor.datatype}' (expected one of {list(NUMPY_OF)})")
         if any(d < 0 for d in shape):
             raise InvalidInput(f"input '{name}': shape {shape} has a negative dimension")
@@ -177,7 +178,7 @@ def _from_contents(tensor, shape: list[int]) -> np.ndarray:
     if field is None:
         raise InvalidInput(f"input '{tensor.name}': {tensor.datatype} has no typed contents; send raw_input_contents")
     values = getattr(tensor.contents, field)
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)
     if len(values) != count:
         raise InvalidInput(f"input '{tensor.name}': got {len(values)} elements in contents, shape {shape} needs {count}")
     if tensor.datatype == "BYTES":
