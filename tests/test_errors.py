@@ -256,6 +256,14 @@ def test_request_over_size_limit(small_server):
         assert r.status_code == 200, r.text
 
 
+def test_grpc_request_over_size_limit(small_server):
+    grpc_client = grpcclient.InferenceServerClient(small_server.grpc_url)
+    status, message = _grpc_code(lambda: grpc_client.infer("mlp", [_x(np.zeros((16, 16), np.float32))]))
+    assert status == "StatusCode.RESOURCE_EXHAUSTED"
+    assert "1000" in message or "larger than max" in message
+    assert grpc_client.infer("mlp", [_x(np.zeros((1, 16), np.float32))]).as_numpy("probs").shape == (1, 4)
+
+
 # -- gRPC --------------------------------------------------------------------------------------
 
 def _grpc_code(call) -> tuple[str, str]:

@@ -68,7 +68,8 @@ async def serve(settings: ServerSettings) -> None:
     grpc_server = health = None
     grpc_port = -1
     if settings.grpc_port >= 0:
-        grpc_server, grpc_port, health = create_server(dataplane, _address(settings.host, settings.grpc_port))
+        grpc_server, grpc_port, health = create_server(
+            dataplane, _address(settings.host, settings.grpc_port), settings.max_request_bytes)
         await grpc_server.start()
         await health.set("", NOT_SERVING)
     http_task = asyncio.create_task(http.serve(sockets=[sock]), name="http")

@@ -212,8 +212,10 @@ _RPCS = {
 }
 
 
-def create_server(dataplane: Dataplane, address: str) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
-    """A gRPC server bound to ``address`` (port 0 = any free port); returns it, its port, its health servicer."""
+def create_server(dataplane: Dataplane, address: str, max_request_bytes: int = MAX_MESSAGE
+                  ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+    """A gRPC server bound to ``address`` (port 0 = any free port); returns it, its port, its health servicer.
+    Messages up to ``max_request_bytes`` are accepted (grpcio's own default, 4 MiB, is too small for images)."""
     service = InferenceService(dataplane)
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(
@@ -224,7 +226,7 @@ def create_server(dataplane: Dataplane, address: str) -> tuple[grpc.aio.Server, 
         service.ModelStreamInfer, request_deserializer=pb.ModelInferRequest.FromString,
         response_serializer=pb.ModelStreamInferResponse.SerializeToString)
     server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", MAX_MESSAGE),
+        ("grpc.max_receive_message_length", min(max_request_bytes, MAX_MESSAGE)),
         ("grpc.max_send_message_length", MAX_MESSAGE),
         ("grpc.so_reuseport", 0),
     ])
