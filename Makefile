@@ -1,4 +1,5 @@
 # The two commands of the README: `make serve` and `make test`. Everything else is set up by them.
+SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -11,8 +12,9 @@ REPO ?= models
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev,demo]'
+	$(BIN)/python -m pip install -q --upgrade pip 2>&1 | { grep -v 'is ignored' || true; }; exit $${PIPESTATUS[0]}
+	# (this machine's pip config names local mirrors that may be absent: their warnings are dropped)
+	$(BIN)/python -m pip install -q -e '.[dev,demo]' 2>&1 | { grep -v 'is ignored' || true; }; exit $${PIPESTATUS[0]}
 	touch $@
 
 install: $(BIN)/.installed
