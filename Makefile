@@ -8,7 +8,7 @@ HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 REPO ?= models
 
-.PHONY: install serve test bench protos clean
+.PHONY: install serve test perf-analyzer bench protos clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,9 +24,18 @@ serve: install
 	$(BIN)/modelserve demo --model-repository $(REPO) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT)
 	$(BIN)/modelserve serve --model-repository $(REPO) --host $(HOST) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT)
 
-## run the test suite
-test: install
+## run the test suite (with Triton's real perf_analyzer when it can be installed; its tests skip otherwise)
+test: install perf-analyzer
 	$(BIN)/python -m pytest -q
+
+## Triton's perf_analyzer 2.60 in .bench/tools/pa (PyPI wheel + Debian trixie's loader; see ../shared/bench); best effort
+PA_SETUP ?= ../shared/bench/tools/setup_perf_analyzer.sh
+perf-analyzer: install
+	@if [[ -x .bench/tools/pa/perf_analyzer ]]; then exit 0; fi; \
+	if [[ ! -f $(PA_SETUP) ]]; then echo "no $(PA_SETUP): perf_analyzer tests will skip"; exit 0; fi; \
+	mkdir -p .bench/tools && cp $(PA_SETUP) .bench/tools/ && \
+	PY=$(BIN)/python timeout 900 bash .bench/tools/setup_perf_analyzer.sh \
+	  || echo "perf_analyzer could not be installed: its tests will skip"
 
 ## perf_analyzer benchmark against Triton, MLServer, KServe (see benchmarks/README.md)
 bench: install
