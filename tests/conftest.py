@@ -11,10 +11,15 @@ import threading
 import time
 from pathlib import Path
 
+import grpc
+import httpx
 import numpy as np
 import onnx
 import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 from onnx import TensorProto, helper, numpy_helper
+from tritonclient.grpc import service_pb2_grpc
 
 ONNX_TYPE = {
     "BOOL": TensorProto.BOOL, "UINT8": TensorProto.UINT8, "UINT16": TensorProto.UINT16,
@@ -175,6 +180,34 @@ def datatype_repo(tmp_path_factory) -> Path:
 def server(datatype_repo) -> Server:
     with Server(datatype_repo) as srv:
         yield srv
+
+
+@pytest.fixture(scope="module")
+def raw(server):
+    """A plain HTTP client on the shared server, for what tritonclient would not send."""
+    with httpx.Client(base_url=f"http://{server.http_url}", timeout=10) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    client = httpclient.InferenceServerClient(server.http_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def grpc_client(server):
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    """tritonclient's raw generated stub, for messages built by hand."""
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
 
 
 def sample(datatype: str, shape, rng=None) -> np.ndarray:

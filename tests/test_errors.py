@@ -39,25 +39,6 @@ def x_binary(size: int = 64, shape=(1, 16)) -> dict:
     return {"name": "x", "shape": list(shape), "datatype": "FP32", "parameters": {"binary_data_size": size}}
 
 
-@pytest.fixture(scope="module")
-def raw(server):
-    with httpx.Client(base_url=f"http://{server.http_url}", timeout=10) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def grpc_client(server):
-    client = grpcclient.InferenceServerClient(server.grpc_url)
-    yield client
-    client.close()
-
-
-@pytest.fixture(scope="module")
-def stub(server):
-    with grpc.insecure_channel(server.grpc_url) as channel:
-        yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
-
-
 def assert_still_serving(raw: httpx.Client) -> None:
     r = raw.post("/v2/models/mlp/infer", json={"inputs": [X_JSON]})
     assert r.status_code == 200, r.text

@@ -145,12 +145,6 @@ def parse_cpp_response(r: httpx.Response) -> tuple[dict, dict[str, bytes]]:
     return doc, slices
 
 
-@pytest.fixture(scope="module")
-def raw(server):
-    with httpx.Client(base_url=f"http://{server.http_url}", timeout=10, headers=CPP_HEADERS) as client:
-        yield client
-
-
 def pa_http_setup(raw: httpx.Client, model: str, version: str | None) -> tuple[dict, dict, dict, str]:
     """§8.1 steps 1-3, in perf_analyzer's order."""
     base = f"/v2/models/{model}" + (f"/versions/{version}" if version else "")
@@ -292,13 +286,6 @@ def _stub(url: str):
     channel = grpc.insecure_channel(url, options=[("grpc.max_receive_message_length", 2**31 - 1),
                                                   ("grpc.max_send_message_length", 2**31 - 1)])
     return channel, service_pb2_grpc.GRPCInferenceServiceStub(channel)
-
-
-@pytest.fixture(scope="module")
-def stub(server):
-    channel, stub = _stub(server.grpc_url)
-    with channel:
-        yield stub
 
 
 def pa_grpc_setup(stub, model: str, version: str = "") -> tuple[dict, dict, dict]:

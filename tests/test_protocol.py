@@ -30,32 +30,6 @@ def models(datatype_repo) -> set[str]:
     return {d.name for d in datatype_repo.iterdir() if d.is_dir()}
 
 
-@pytest.fixture(scope="module")
-def http(server):
-    client = httpclient.InferenceServerClient(server.http_url)
-    yield client
-    client.close()
-
-
-@pytest.fixture(scope="module")
-def grpc_client(server):
-    client = grpcclient.InferenceServerClient(server.grpc_url)
-    yield client
-    client.close()
-
-
-@pytest.fixture(scope="module")
-def raw(server):
-    with httpx.Client(base_url=f"http://{server.http_url}", timeout=10) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def stub(server):
-    with grpc.insecure_channel(server.grpc_url) as channel:
-        yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
-
-
 def mlp_batch(rows: int = 2, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((rows, 16)).astype(np.float32)
 
