@@ -21,14 +21,19 @@ def _assert_same(got: np.ndarray, sent: np.ndarray) -> None:
         np.testing.assert_array_equal(got.view(np.uint8), sent.view(np.uint8))
 
 
-@pytest.mark.parametrize("datatype", ALL_DATATYPES)
-def test_http_binary(server, datatype):
-    data = sample(datatype, (3, 4))
+def _http_roundtrip(server, datatype: str, shape, binary: bool, **kwargs):
+    data = sample(datatype, shape)
     client = httpclient.InferenceServerClient(server.http_url)
     inp = httpclient.InferInput("INPUT0", list(data.shape), datatype)
-    inp.set_data_from_numpy(data, binary_data=True)
+    inp.set_data_from_numpy(data, binary_data=binary)
     result = client.infer(f"identity_{datatype.lower()}", [inp],
-                          outputs=[httpclient.InferRequestedOutput("OUTPUT0", binary_data=True)], request_id="r-1")
+                          outputs=[httpclient.InferRequestedOutput("OUTPUT0", binary_data=binary)], **kwargs)
+    return data, result
+
+
+@pytest.mark.parametrize("datatype", ALL_DATATYPES)
+def test_http_binary(server, datatype):
+    data, result = _http_roundtrip(server, datatype, (3, 4), True, request_id="r-1")
     _assert_same(result.as_numpy("OUTPUT0"), data)
     assert result.get_response()["id"] == "r-1"
     assert result.get_response()["model_version"] == "1"
@@ -36,12 +41,7 @@ def test_http_binary(server, datatype):
 
 @pytest.mark.parametrize("datatype", JSON_DATATYPES)
 def test_http_json(server, datatype):
-    data = sample(datatype, (2, 4))
-    client = httpclient.InferenceServerClient(server.http_url)
-    inp = httpclient.InferInput("INPUT0", list(data.shape), datatype)
-    inp.set_data_from_numpy(data, binary_data=False)
-    result = client.infer(f"identity_{datatype.lower()}", [inp],
-                          outputs=[httpclient.InferRequestedOutput("OUTPUT0", binary_data=False)])
+    data, result = _http_roundtrip(server, datatype, (2, 4), False)
     out = result.get_output("OUTPUT0")
     assert "data" in out and "parameters" not in out  # JSON outputs carry no parameters (perf_analyzer)
     got = result.as_numpy("OUTPUT0")

@@ -28,3 +28,6 @@ class ServerSettings(BaseSettings):
     #: how long SIGTERM waits for in-flight requests before closing
     drain_timeout_s: float = 30.0
     log_level: str = "info"
+    #: GIL switch interval: inference threads wait up to this long to hand results back to a busy loop
+    switch_interval_s: float = 0.0005
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"

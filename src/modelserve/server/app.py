@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import socket
 import sys
@@ -108,9 +107,9 @@ async def serve(settings: ServerSettings) -> None:
 def run(settings: ServerSettings) -> None:
     # Inference threads need the GIL back to hand results over; with the default 5 ms switch
     # interval a busy event loop keeps them waiting that long per batch. Measured in benchmarks/.
-    sys.setswitchinterval(float(os.environ.get("MODELSERVE_SWITCH_INTERVAL", "0.0005")))
+    sys.setswitchinterval(settings.switch_interval_s)
     loop_factory = None
-    if os.environ.get("MODELSERVE_EVENT_LOOP", "uvloop") == "uvloop":
+    if settings.event_loop == "uvloop":
         try:
             import uvloop
 
