@@ -60,3 +60,137 @@ def demo(
     path = build_demo_repository(model_repository, force)
     typer.echo(f"demo model at {path}\n")
     typer.echo(usage(http_port, grpc_port))
+
+
+def _floats(text: Optional[str]) -> Optional[list[float]]:
+    return [float(v) for v in text.split(",")] if text else None
+
+
+def _fail(message: str, code: int = 1):
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+@app.command()
+def convert(
+    source: str = typer.Argument(..., help="Model file (.pt/.pth TorchScript, .pt2 torch.export, .keras, .h5, "
+                                           "SavedModel folder, .pkl/.joblib scikit-learn) or pkg.module:factory"),
+    output: Path = typer.Option(..., "-o", "--output", help="File to write (.onnx, .tflite, .pt)"),
+    to: str = typer.Option("", help="onnx, tflite or torchscript (default: from the output's suffix)"),
+    weights: Optional[Path] = typer.Option(None, help="State dict (PyTorch) or weights file for pkg.module:factory"),
+    input_shape: Optional[list[str]] = typer.Option(None, help="Input shape, e.g. 1,3,224,224 (repeat per input)"),
+    input_name: Optional[list[str]] = typer.Option(None, help="Input name (repeat per input)"),
+    output_name: Optional[list[str]] = typer.Option(None, help="Output name (repeat per output)"),
+    sample: Optional[Path] = typer.Option(None, help="Sample inputs (.npy/.npz or image folder) for shapes and the check"),
+    opset: int = typer.Option(17, help="ONNX opset"),
+    dynamic_batch: bool = typer.Option(True, help="Make the first axis of inputs and outputs dynamic"),
+    float16: bool = typer.Option(False, help="TFLite: store weights as float16"),
+    trust_pickle: bool = typer.Option(False, help="Allow loading a pickle (it runs code from the file: only for files you trust)"),
+    atol: float = typer.Option(1e-4, help="Largest accepted absolute difference between source and result"),
+    rtol: float = typer.Option(1e-3, help="Largest accepted relative difference"),
+    external_data: bool = typer.Option(False, help="Keep weights in a separate .data file (default: one file)"),
+    pythonpath: Optional[Path] = typer.Option(None, help="Folder to import pkg.module from (default: current folder)"),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON"),
+):
+    """Convert a PyTorch, Keras/TensorFlow or scikit-learn model, then check the result gives the same outputs.
+
+    Example: modelserve convert mypkg.nets:resnet18 --weights net.pt --input-shape 1,3,224,224 -o net.onnx
+    """
+    import json
+
+    from modelserve.convert import ConversionError, convert as run_convert
+
+    shapes = [tuple(int(d) for d in s.split(",")) for s in input_shape] if input_shape else None
+    try:
+        result = run_convert(source, output, to=to or None, weights=weights, input_shapes=shapes,
+                             input_names=input_name, output_names=output_name, sample=sample, opset=opset,
+                             dynamic_batch=dynamic_batch, float16=float16, trust_pickle=trust_pickle,
+                             atol=atol, rtol=rtol, external_data=external_data, pythonpath=pythonpath)
+    except ConversionError as exc:
+        _fail(str(exc))
+    if json_out:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        v = result.verification
+        typer.echo(f"wrote {result.output} ({result.framework} -> {result.target}); checked on {v.samples} samples: "
+                   f"max abs error {v.max_abs_error:.3g}, max rel error {v.max_rel_error:.3g} "
+                   f"(atol {v.atol:g}, rtol {v.rtol:g})")
+
+
+@app.command()
+def optimize(
+    model: str = typer.Argument(..., help="An .onnx file, or a PyTorch pkg.module:factory (with --weights)"),
+    output: Path = typer.Option(..., "-o", "--output", help="The optimized .onnx to write (report: OUTPUT.report.json)"),
+    graph: str = typer.Option("ort", help="Graph optimization: ort (ONNX Runtime offline), slim (onnxslim) or none"),
+    quantize: Optional[str] = typer.Option(None, help="int8 quantization: dynamic or static (static needs --calibration)"),
+    calibration: Optional[Path] = typer.Option(None, help="Calibration data: .npy/.npz or a folder of images"),
+    calibration_method: str = typer.Option("minmax", help="minmax, entropy or percentile"),
+    calibration_size: int = typer.Option(256, help="Samples of the calibration data to use"),
+    per_channel: bool = typer.Option(False, help="int8: one scale per output channel of each weight"),
+    fp16: bool = typer.Option(False, help="Store weights and compute in float16; inputs and outputs stay float32"),
+    prune: Optional[float] = typer.Option(None, help="Target weight sparsity, e.g. 0.5 (magnitude pruning)"),
+    structured: bool = typer.Option(False, help="Prune whole conv output channels (needs a PyTorch model)"),
+    train_data: Optional[Path] = typer.Option(None, help="Labeled data to fine-tune after pruning or to distill on"),
+    epochs: int = typer.Option(5, help="Fine-tuning / distillation epochs"),
+    distill: Optional[str] = typer.Option(None, help="Student architecture pkg.module:factory to distill MODEL into"),
+    weights: Optional[Path] = typer.Option(None, help="State dict when MODEL is a PyTorch pkg.module:factory"),
+    pythonpath: Optional[Path] = typer.Option(None, help="Folder to import pkg.module from"),
+    eval_data: Optional[Path] = typer.Option(None, help="Labeled evaluation data (.npz with labels, or class folders)"),
+    mean: Optional[str] = typer.Option(None, help="Image folders: per-channel mean after scaling to 0..1, e.g. 0.485,0.456,0.406"),
+    std: Optional[str] = typer.Option(None, help="Image folders: per-channel std"),
+    max_accuracy_drop: float = typer.Option(1.0, help="Refuse a result that loses more top-1 accuracy (points)"),
+    speed_gate: bool = typer.Option(True, help="Refuse a result slower than the original"),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON instead of a table"),
+):
+    """Optimize a model step by step and report size, latency and accuracy before and after.
+
+    Example: modelserve optimize net.onnx --quantize static --calibration calib.npz --eval-data val.npz -o net-int8.onnx
+    """
+    import json
+
+    from modelserve.optimize import GateRefused, OptimizeSpec, optimize as run_optimize
+    from modelserve.optimize.report import print_report
+
+    try:
+        spec = OptimizeSpec(graph=graph, quantize=quantize, calibration=calibration,
+                            calibration_method=calibration_method, calibration_size=calibration_size,
+                            per_channel=per_channel, fp16=fp16, prune=prune, prune_structured=structured,
+                            train_data=train_data, epochs=epochs, distill_student=distill, weights=weights,
+                            pythonpath=pythonpath, eval_data=eval_data, mean=_floats(mean), std=_floats(std),
+                            max_accuracy_drop=max_accuracy_drop, speed_gate=speed_gate)
+    except ValueError as exc:
+        _fail(str(exc), 2)
+    try:
+        report = run_optimize(model, output, spec)
+    except GateRefused as exc:
+        print_report(exc.report) if not json_out else typer.echo(json.dumps(exc.report.to_dict(), indent=2))
+        _fail(f"refused: {exc.reason}; {output} was not written")
+    except (ValueError, OSError) as exc:
+        _fail(str(exc))
+    print_report(report) if not json_out else typer.echo(json.dumps(report.to_dict(), indent=2))
+
+
+@app.command()
+def evaluate(
+    model: Path = typer.Argument(..., help="An .onnx model (any model the server can serve)"),
+    data: Optional[Path] = typer.Option(None, help="Labeled data (.npz with labels, or class folders); none = latency only"),
+    mean: Optional[str] = typer.Option(None, help="Image folders: per-channel mean after scaling to 0..1"),
+    std: Optional[str] = typer.Option(None, help="Image folders: per-channel std"),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table"),
+):
+    """Measure a model: size, parameters, sparsity, latency at batch 1 and 32, throughput, and accuracy with --data.
+
+    Example: modelserve evaluate net-int8.onnx --data val.npz
+    """
+    import json
+
+    from modelserve.optimize import evaluate as run_evaluate
+    from modelserve.optimize.report import print_profile
+
+    try:
+        profile = run_evaluate(model, data, mean=_floats(mean), std=_floats(std))
+    except (ValueError, OSError) as exc:
+        _fail(str(exc))
+    print_profile(profile) if not json_out else typer.echo(json.dumps(profile.to_dict(), indent=2))
