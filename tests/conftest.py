@@ -225,3 +225,42 @@ def sample(datatype: str, shape, rng=None) -> np.ndarray:
         info = np.iinfo(dtype)
         return rng.integers(max(info.min, -1000), min(info.max, 1000), shape, endpoint=True).astype(dtype)
     return rng.standard_normal(shape).astype(dtype)
+
+
+# --- framework models for the convert/optimize tests (examples/ holds the user-facing versions) -----------------
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def needs(*modules: str):
+    """Skip (with the reason) when an optional framework extra is not installed; CI installs them all."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    return pytest.mark.skipif(bool(missing), reason=f"needs {', '.join(missing)} (pip install 'modelserve[...]')")
+
+
+@pytest.fixture(scope="session")
+def digits_data(tmp_path_factory) -> dict:
+    """The fixed digits split as .npz files the CLI reads (arrays x [N,1,8,8] float32 and labels)."""
+    sys.path.insert(0, str(EXAMPLES))
+    import digits_torch
+
+    folder = tmp_path_factory.mktemp("digits")
+    digits_torch.save_splits(str(folder / "digits"))
+    return {"train": folder / "digits-train.npz", "test": folder / "digits-test.npz", "folder": folder}
+
+
+@pytest.fixture(scope="session")
+def digits_cnn(digits_data) -> dict:
+    """The examples' PyTorch CNN trained on digits (seconds): its state dict, factory reference and test accuracy."""
+    pytest.importorskip("torch", reason="needs torch (pip install 'modelserve[torch]')")
+    import digits_torch
+    import torch
+
+    x_train, y_train, x_test, y_test = digits_torch.digits()
+    model = digits_torch.train(digits_torch.cnn(), x_train, y_train)
+    weights = digits_data["folder"] / "cnn.pt"
+    torch.save(model.state_dict(), weights)
+    return {"factory": "digits_torch:cnn", "weights": weights, "pythonpath": EXAMPLES, "module": model,
+            "accuracy": digits_torch.accuracy(model, x_test, y_test)}
