@@ -8,7 +8,7 @@ HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 REPO ?= models
 
-.PHONY: install serve test perf-analyzer bench protos clean
+.PHONY: install frameworks serve test perf-analyzer bench protos clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,13 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev,demo]' 2>&1 | { grep -v 'is ignored' || true; }; exit $${PIPESTATUS[0]}
 	touch $@
 
+# the framework extras the converters need (torch CPU build, TensorFlow, onnxslim): for the tests, not for serving
+$(BIN)/.frameworks: $(BIN)/.installed
+	$(BIN)/python -m pip install -q -e '.[dev,demo,torch,tensorflow,slim]' 2>&1 | { grep -v 'is ignored' || true; }; exit $${PIPESTATUS[0]}
+	touch $@
+
 install: $(BIN)/.installed
+frameworks: $(BIN)/.frameworks
 
 ## serve the demo model (a digits classifier trained here, exported to ONNX) on 127.0.0.1
 serve: install
@@ -25,7 +31,7 @@ serve: install
 	$(BIN)/modelserve serve --model-repository $(REPO) --host $(HOST) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT)
 
 ## run the test suite (with Triton's real perf_analyzer when it can be installed; its tests skip otherwise)
-test: install perf-analyzer
+test: install frameworks perf-analyzer
 	$(BIN)/python -m pytest -q
 
 ## Triton's perf_analyzer 2.60 in .bench/tools/pa (PyPI wheel + Debian trixie's loader; see ../shared/bench); best effort

@@ -1,3 +1,5 @@
+"""``python -m modelserve`` = the ``modelserve`` command."""
+
 from modelserve.cli import app
 
-app()
+app(prog_name="modelserve")
