@@ -16,7 +16,7 @@ from torch import nn
 
 
 def cnn() -> nn.Module:
-    """The teacher-sized network: two conv layers and a classifier head (about 40k parameters)."""
+    """The teacher-sized network: two conv layers and a classifier head (about 52k parameters)."""
     return nn.Sequential(
         nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
         nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
@@ -73,6 +73,7 @@ def save_splits(path: str) -> None:
 if __name__ == "__main__":
     out = sys.argv[1] if len(sys.argv) > 1 else "digits_cnn.pt"
     x_train, y_train, x_test, y_test = digits()
+    torch.manual_seed(0)
     model = train(cnn(), x_train, y_train)
     torch.save(model.state_dict(), out)
     save_splits("digits")

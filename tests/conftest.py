@@ -259,6 +259,7 @@ def digits_cnn(digits_data) -> dict:
     import torch
 
     x_train, y_train, x_test, y_test = digits_torch.digits()
+    torch.manual_seed(0)  # the initial weights too, so every run trains the same network
     model = digits_torch.train(digits_torch.cnn(), x_train, y_train)
     weights = digits_data["folder"] / "cnn.pt"
     torch.save(model.state_dict(), weights)
