@@ -102,7 +102,11 @@ def convert(
 
     from modelserve.convert import ConversionError, convert as run_convert
 
-    shapes = [tuple(int(d) for d in s.split(",")) for s in input_shape] if input_shape else None
+    try:  # N, ? or -1: a dimension of any size
+        shapes = [tuple(None if d.strip() in ("N", "n", "?", "-1") else int(d) for d in s.split(","))
+                  for s in input_shape] if input_shape else None
+    except ValueError:
+        _fail(f"--input-shape {' '.join(input_shape)}: expected comma-separated sizes such as 1,3,224,224", 2)
     try:
         result = run_convert(source, output, to=to or None, weights=weights, input_shapes=shapes,
                              input_names=input_name, output_names=output_name, sample=sample, opset=opset,
@@ -142,6 +146,9 @@ def optimize(
     std: Optional[str] = typer.Option(None, help="Image folders: per-channel std"),
     max_accuracy_drop: float = typer.Option(1.0, help="Refuse a result that loses more top-1 accuracy (points)"),
     speed_gate: bool = typer.Option(True, help="Refuse a result slower than the original"),
+    speed_tolerance: float = typer.Option(0.10, help="Speed gate: how much slower (fraction of p50) still passes"),
+    input_shape: Optional[str] = typer.Option(None, help="PyTorch MODEL: per-sample input shape, e.g. 3,224,224 "
+                                                         "(default: from the first .npy/.npz data file)"),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON instead of a table"),
 ):
     """Optimize a model step by step and report size, latency and accuracy before and after.
@@ -150,8 +157,11 @@ def optimize(
     """
     import json
 
-    from modelserve.optimize import GateRefused, OptimizeSpec, optimize as run_optimize
-    from modelserve.optimize.report import print_report
+    from pydantic import ValidationError
+
+    from modelserve.optimize import GateRefused, OptimizeSpec
+    from modelserve.optimize import optimize as run_optimize
+    from modelserve.optimize.report import print_report, progress_bar
 
     try:
         spec = OptimizeSpec(graph=graph, quantize=quantize, calibration=calibration,
@@ -159,11 +169,17 @@ def optimize(
                             per_channel=per_channel, fp16=fp16, prune=prune, prune_structured=structured,
                             train_data=train_data, epochs=epochs, distill_student=distill, weights=weights,
                             pythonpath=pythonpath, eval_data=eval_data, mean=_floats(mean), std=_floats(std),
-                            max_accuracy_drop=max_accuracy_drop, speed_gate=speed_gate)
+                            max_accuracy_drop=max_accuracy_drop, speed_gate=speed_gate,
+                            speed_tolerance=speed_tolerance,
+                            input_shape=[int(d) for d in input_shape.split(",")] if input_shape else None)
+    except ValidationError as exc:
+        _fail("; ".join(f"{'.'.join(map(str, e['loc'])) + ': ' if e['loc'] else ''}"
+                        f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors()), 2)
     except ValueError as exc:
         _fail(str(exc), 2)
     try:
-        report = run_optimize(model, output, spec)
+        with progress_bar(None if not json_out else False) as progress:
+            report = run_optimize(model, output, spec, progress=progress)
     except GateRefused as exc:
         print_report(exc.report) if not json_out else typer.echo(json.dumps(exc.report.to_dict(), indent=2))
         _fail(f"refused: {exc.reason}; {output} was not written")
@@ -187,10 +203,11 @@ def evaluate(
     import json
 
     from modelserve.optimize import evaluate as run_evaluate
-    from modelserve.optimize.report import print_profile
+    from modelserve.optimize.report import print_profile, progress_bar
 
     try:
-        profile = run_evaluate(model, data, mean=_floats(mean), std=_floats(std))
+        with progress_bar(None if not json_out else False) as progress:
+            profile = run_evaluate(model, data, mean=_floats(mean), std=_floats(std), progress=progress)
     except (ValueError, OSError) as exc:
         _fail(str(exc))
     print_profile(profile) if not json_out else typer.echo(json.dumps(profile.to_dict(), indent=2))
