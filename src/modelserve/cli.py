@@ -100,7 +100,8 @@ def convert(
     """
     import json
 
-    from modelserve.convert import ConversionError, convert as run_convert
+    from modelserve.convert import ConversionError
+    from modelserve.convert import convert as run_convert
 
     try:  # N, ? or -1: a dimension of any size
         shapes = [tuple(None if d.strip() in ("N", "n", "?", "-1") else int(d) for d in s.split(","))

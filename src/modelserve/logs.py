@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import sys
 import time
+import warnings
 
 
 class JsonFormatter(logging.Formatter):
@@ -30,3 +33,21 @@ def setup_logging(level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+@contextlib.contextmanager
+def quiet(*loggers: str):
+    """Silence chatty third-party code while it runs (exporters, converters, the quantizer): its prints to
+    stdout/stderr, its warnings, and the named loggers ("" = the root logger) below ERROR. Errors still raise."""
+    named = [logging.getLogger(n or None) for n in loggers]
+    levels = [lg.level for lg in named]
+    for lg in named:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(named, levels):
+            lg.setLevel(level)

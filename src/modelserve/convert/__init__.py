@@ -264,6 +264,12 @@ def _inputs(specs: list[InputSpec], sample, dynamic_batch: bool) -> dict[str, np
     return data.inputs
 
 
+def short_error(exc: BaseException, limit: int = 600) -> str:
+    """An exception as one line for a message: its type and the first lines of its text."""
+    text = " ".join(str(exc).split("\n")[:3]).strip() or type(exc).__name__
+    return f"{type(exc).__name__}: {text[:limit]}"
+
+
 def remove_output(output: Path) -> None:
     for path in (output, output.with_name(output.name + ".data")):
         if path.is_dir():

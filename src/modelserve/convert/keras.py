@@ -8,11 +8,7 @@ a dict of named outputs, which both tf2onnx and the TFLite converter take.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import os
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +19,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 import tensorflow as tf
 
-from modelserve.convert import ConversionError, finish_onnx
+from modelserve.convert import ConversionError, finish_onnx, short_error
 from modelserve.data import InputSpec
+from modelserve.logs import quiet
 
 SIGNATURES = ("serving_default", "serve")
 
@@ -47,10 +44,10 @@ def load(source: Any, *, weights=None, pythonpath=None, trust_pickle: bool = Fal
                 raise ConversionError("a SavedModel carries its weights: drop --weights")
             return _saved_model(path)
         try:
-            with _quiet():
+            with quiet("tf2onnx", "tensorflow", "absl"):
                 source = keras.models.load_model(str(path), compile=False)
         except Exception as exc:
-            raise ConversionError(f"{path}: Keras cannot load it: {_first(exc)}") from exc
+            raise ConversionError(f"{path}: Keras cannot load it: {short_error(exc)}") from exc
     if not isinstance(source, keras.Model):
         if hasattr(source, "signatures"):  # a tf.saved_model.load result
             return _signature_source(source, "the SavedModel object")
@@ -59,7 +56,7 @@ def load(source: Any, *, weights=None, pythonpath=None, trust_pickle: bool = Fal
         try:
             source.load_weights(str(weights))
         except Exception as exc:
-            raise ConversionError(f"{weights}: cannot load these weights into the model: {_first(exc)}") from exc
+            raise ConversionError(f"{weights}: cannot load these weights into the model: {short_error(exc)}") from exc
     return _keras_source(source)
 
 
@@ -84,10 +81,10 @@ def _keras_source(model) -> KerasSource:
 
 def _saved_model(path: Path) -> KerasSource:
     try:
-        with _quiet():
+        with quiet("tf2onnx", "tensorflow", "absl"):
             loaded = tf.saved_model.load(str(path))
     except Exception as exc:
-        raise ConversionError(f"{path}: TensorFlow cannot load this SavedModel: {_first(exc)}") from exc
+        raise ConversionError(f"{path}: TensorFlow cannot load this SavedModel: {short_error(exc)}") from exc
     return _signature_source(loaded, str(path))
 
 
@@ -133,7 +130,7 @@ def reference(model: KerasSource, inputs: Mapping[str, np.ndarray]) -> dict[str,
         out = model.call([tf.constant(v) for v in inputs.values()])
     except Exception as exc:
         shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in inputs.items())
-        raise ConversionError(f"the model fails on sample inputs {shapes}: {_first(exc)}") from exc
+        raise ConversionError(f"the model fails on sample inputs {shapes}: {short_error(exc)}") from exc
     return {k: np.asarray(out[k]) for k in sorted(out)}  # tf.nest's order: sorted keys
 
 
@@ -156,11 +153,11 @@ def export(model: KerasSource, output: Path, target: str, inputs, specs, *, outp
         import tf2onnx
 
         try:
-            with _quiet():
+            with quiet("tf2onnx", "tensorflow", "absl"):
                 tf2onnx.convert.from_function(function, input_signature=signature, opset=opset,
                                               output_path=str(output))
         except Exception as exc:
-            raise ConversionError(f"tf2onnx could not convert the model: {_first(exc)}") from exc
+            raise ConversionError(f"tf2onnx could not convert the model: {short_error(exc)}") from exc
         finish_onnx(output, external_data)
         import onnx
 
@@ -171,7 +168,7 @@ def export(model: KerasSource, output: Path, target: str, inputs, specs, *, outp
         )
 
         try:
-            with _quiet():
+            with quiet("tf2onnx", "tensorflow", "absl"):
                 # frozen: the converter given a function with captured variables writes a model without weights
                 frozen = convert_variables_to_constants_v2(function.get_concrete_function())
                 converter = tf.lite.TFLiteConverter.from_concrete_functions([frozen])
@@ -180,25 +177,10 @@ def export(model: KerasSource, output: Path, target: str, inputs, specs, *, outp
                     converter.target_spec.supported_types = [tf.float16]
                 output.write_bytes(converter.convert())
         except Exception as exc:
-            raise ConversionError(f"the TFLite converter failed: {_first(exc)}") from exc
+            raise ConversionError(f"the TFLite converter failed: {short_error(exc)}") from exc
         return sorted(rename.values())
     raise ConversionError(f"a Keras/TensorFlow model converts to onnx or tflite, not {target}")
 
-
-@contextlib.contextmanager
-def _quiet():
-    loggers = [logging.getLogger(n) for n in ("tf2onnx", "tensorflow", "absl")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-                contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
 
 
 def _clean(name: str, default: str) -> str:
@@ -209,7 +191,3 @@ def _clean(name: str, default: str) -> str:
 def _dims(shape) -> str:
     return "[" + ", ".join("N" if d is None else str(d) for d in shape) + "]"
 
-
-def _first(exc: BaseException, limit: int = 600) -> str:
-    text = " ".join(str(exc).split("\n")[:3]).strip() or type(exc).__name__
-    return f"{type(exc).__name__}: {text[:limit]}"

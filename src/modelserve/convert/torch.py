@@ -7,10 +7,6 @@ dynamic dims decide the batch axis).
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +21,10 @@ from modelserve.convert import (
     finish_onnx,
     import_factory,
     remove_output,
+    short_error,
 )
 from modelserve.data import InputSpec
+from modelserve.logs import quiet
 
 QUIET_LOGGERS = ("torch.onnx", "torch.export", "torch._export", "torch.fx", "torch._dynamo", "torch._subclasses",
                  "torch.utils._sympy", "onnxscript", "onnx_ir")
@@ -60,7 +58,7 @@ def load(source: Any, *, weights=None, pythonpath=None, trust_pickle: bool = Fal
             try:
                 program = torch.export.load(str(path))
             except Exception as exc:
-                raise ConversionError(f"{path}: not a torch.export program (torch.export.save): {_first(exc)}") from exc
+                raise ConversionError(f"{path}: not a torch.export program (torch.export.save): {short_error(exc)}") from exc
             module = program.module()
         else:
             module = _load_script(path)
@@ -86,17 +84,17 @@ def _load_script(path: Path) -> nn.Module:
                 f"{path} holds a state dict (weights only), not a model: name the code that builds the module, "
                 f"e.g. `modelserve convert mypkg.nets:build --weights {path} ...` (convert(\"mypkg.nets:build\", "
                 f"weights=...) in Python)") from exc
-        raise ConversionError(f"{path} is not a TorchScript file (torch.jit.save) nor a state dict: {_first(exc)}. "
+        raise ConversionError(f"{path} is not a TorchScript file (torch.jit.save) nor a state dict: {short_error(exc)}. "
                               f"Save a TorchScript module, a torch.export .pt2 program, or pass "
                               f"pkg.module:factory with --weights") from exc
 
 
 def _load_weights(module: nn.Module, path: Path) -> None:
     try:
-        with _quiet():
+        with quiet(*QUIET_LOGGERS):
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ConversionError(f"{path}: not a state dict torch.load can read safely (weights_only): {_first(exc)}. "
+        raise ConversionError(f"{path}: not a state dict torch.load can read safely (weights_only): {short_error(exc)}. "
                               f"Save it with torch.save(model.state_dict(), path)") from exc
     if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
         state = state["state_dict"]
@@ -135,7 +133,7 @@ def reference(model: TorchSource, inputs: Mapping[str, np.ndarray]) -> dict[str,
             arrays = flatten_outputs(model.module(*tensors))
     except Exception as exc:
         shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in inputs.items())
-        raise ConversionError(f"the model fails on sample inputs {shapes}: {_first(exc)}. Check --input-shape "
+        raise ConversionError(f"the model fails on sample inputs {shapes}: {short_error(exc)}. Check --input-shape "
                               f"(or --sample) against what its forward() expects") from exc
     return {f"output{i}": a for i, a in enumerate(arrays)}
 
@@ -185,23 +183,23 @@ def export_onnx(module, output: Path, sample, *, input_names: Sequence[str] | No
         batch = torch.export.Dim("batch")
         dynamic = None if is_program or not dynamic_batch else tuple({0: batch} for _ in args)
         try:
-            with _quiet():
+            with quiet(*QUIET_LOGGERS):
                 torch.onnx.export(module, args, str(output), dynamo=True, input_names=input_names,
                                   output_names=output_names, opset_version=opset, dynamic_shapes=dynamic,
                                   external_data=external_data, verbose=False)
             return finish_onnx(output, external_data)
         except Exception as exc:
-            errors.append(f"torch.export-based exporter: {_first(exc)}")
+            errors.append(f"torch.export-based exporter: {short_error(exc)}")
             remove_output(output)
     if not is_program:
         axes = {n: {0: "batch"} for n in [*input_names, *output_names]} if dynamic_batch else None
         try:
-            with _quiet():
+            with quiet(*QUIET_LOGGERS):
                 torch.onnx.export(module, args, str(output), dynamo=False, input_names=input_names,
                                   output_names=output_names, opset_version=opset, dynamic_axes=axes)
             return finish_onnx(output, external_data)
         except Exception as exc:
-            errors.append(f"TorchScript-based exporter: {_first(exc)}")
+            errors.append(f"TorchScript-based exporter: {short_error(exc)}")
             remove_output(output)
     raise ConversionError("PyTorch could not export the model to ONNX; " + "; ".join(errors))
 
@@ -210,11 +208,11 @@ def export_torchscript(module: nn.Module, output: Path, example: Mapping[str, np
     if not isinstance(module, torch.jit.ScriptModule):
         args = tuple(torch.from_numpy(v) for v in example.values())
         try:
-            with _quiet(), torch.no_grad():
+            with quiet(*QUIET_LOGGERS), torch.no_grad():
                 module = torch.jit.trace(module, args)
         except Exception as exc:
-            raise ConversionError(f"torch.jit.trace failed: {_first(exc)}") from exc
-    with _quiet():
+            raise ConversionError(f"torch.jit.trace failed: {short_error(exc)}") from exc
+    with quiet(*QUIET_LOGGERS):
         torch.jit.save(module, str(output))
     with torch.no_grad():
         count = len(flatten_outputs(module(*(torch.from_numpy(v) for v in example.values()))))
@@ -241,23 +239,3 @@ def _example(inputs: Mapping[str, np.ndarray], dynamic_batch: bool) -> dict[str,
     return {k: np.ascontiguousarray(v[:2] if len(v) >= 2 else np.concatenate([v, v])) for k, v in inputs.items()}
 
 
-@contextlib.contextmanager
-def _quiet():
-    """Silence the exporters' progress prints, warnings and log lines (errors still raise)."""
-    loggers = [logging.getLogger(n) for n in QUIET_LOGGERS]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-                contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
-def _first(exc: BaseException, limit: int = 600) -> str:
-    text = " ".join(str(exc).split("\n")[:3]).strip() or type(exc).__name__
-    return f"{type(exc).__name__}: {text[:limit]}"

@@ -29,9 +29,6 @@ Inputs and outputs stay float32 either way (quantize/dequantize happen inside th
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -40,6 +37,7 @@ import numpy as np
 import onnx
 
 from modelserve.data import Dataset
+from modelserve.logs import quiet
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 CALIBRATION_BATCH = 32
@@ -49,7 +47,7 @@ Progress = Callable[[str, int, int], None] | None
 def quantize_dynamic_int8(source: Path, output: Path, *, per_channel: bool = False) -> dict:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with _quiet():
+    with quiet(""):
         quantize_dynamic(str(source), str(output), per_channel=per_channel, weight_type=QuantType.QInt8)
     return {"step": "quantize", "method": "int8 dynamic", "per_channel": per_channel}
 
@@ -104,12 +102,12 @@ def quantize_static_int8(source: Path, output: Path, calibration: Dataset, *, me
     with tempfile.TemporaryDirectory() as tmp:
         model_in = source
         try:
-            with _quiet():
+            with quiet(""):
                 quant_pre_process(str(source), str(Path(tmp) / "pre.onnx"))
             model_in = Path(tmp) / "pre.onnx"
         except Exception as exc:  # noqa: BLE001 -- pre-processing is an improvement, not a requirement
             step["pre_process"] = f"skipped: {type(exc).__name__}: {exc}"[:300]
-        with _quiet():
+        with quiet(""):
             quantize_static(
                 str(model_in), str(output), reader_type(calibration, CALIBRATION_BATCH, progress),
                 quant_format=QuantFormat.QDQ, per_channel=per_channel, activation_type=QuantType.QInt8,
@@ -129,16 +127,3 @@ def to_fp16(source: Path, output: Path) -> dict:
     onnx.save(model, str(output))
     return {"step": "fp16", "method": "float16 weights and compute, float32 inputs/outputs"}
 
-
-class _quiet:
-    """Silence the quantizer while it runs: its root-logger advice and the calibrators' prints to stdout."""
-
-    def __enter__(self):
-        self.level = logging.getLogger().level
-        logging.getLogger().setLevel(logging.ERROR)
-        self.stdout = contextlib.redirect_stdout(io.StringIO())
-        self.stdout.__enter__()
-
-    def __exit__(self, *exc):
-        self.stdout.__exit__(*exc)
-        logging.getLogger().setLevel(self.level)

@@ -211,6 +211,7 @@ def progress_bar(enabled: bool | None = None) -> Iterator[Progress]:
     if not enabled:
         yield None
         return
+    from rich.console import Console
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -221,7 +222,7 @@ def progress_bar(enabled: bool | None = None) -> Iterator[Progress]:
 
     tasks: dict[str, int] = {}
     with Bars(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-              transient=True) as bars:
+              transient=True, console=Console(file=sys.stderr)) as bars:  # bound now: steps run under logs.quiet
         def update(description: str, done: int, total: int) -> None:
             if description not in tasks:
                 tasks[description] = bars.add_task(description, total=total)
