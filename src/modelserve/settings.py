@@ -31,3 +31,31 @@ class ServerSettings(BaseSettings):
     #: GIL switch interval: inference threads wait up to this long to hand results back to a busy loop
     switch_interval_s: float = 0.0005
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
+
+
+DEFAULT_REGISTRY_DIR = Path("modelserve-registry")
+
+
+class RegistrySettings(BaseSettings):
+    """Where the registry lives: ``MODELSERVE_REGISTRY_URL``, ``MODELSERVE_REGISTRY_ARTIFACTS``, …
+
+    Embedded by default (a SQLite file and an artifact folder under ``./modelserve-registry``);
+    production by URL: ``postgresql+psycopg://user@host/db`` and ``s3://bucket/prefix``.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="MODELSERVE_REGISTRY_", extra="forbid")
+
+    url: str = f"sqlite:///{DEFAULT_REGISTRY_DIR}/registry.db"
+    #: artifact store URL; default: ``artifacts`` beside the SQLite file, else ./modelserve-registry/artifacts
+    artifacts: str = ""
+    #: fsspec options for the store (JSON in the environment), e.g. {"client_kwargs": {"endpoint_url": …}}
+    storage_options: dict = {}
+    #: who the history names for changes made from this process (default user@host)
+    actor: str = ""
+
+    def artifacts_url(self) -> str:
+        if self.artifacts:
+            return self.artifacts
+        if self.url.startswith("sqlite:///") and not self.url.endswith(":memory:"):
+            return str(Path(self.url.removeprefix("sqlite:///")).parent / "artifacts")
+        return str(DEFAULT_REGISTRY_DIR / "artifacts")
