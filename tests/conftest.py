@@ -265,3 +265,59 @@ def digits_cnn(digits_data) -> dict:
     torch.save(model.state_dict(), weights)
     return {"factory": "digits_torch:cnn", "weights": weights, "pythonpath": EXAMPLES, "module": model,
             "accuracy": digits_torch.accuracy(model, x_test, y_test)}
+
+
+# --- real backing services for the registry: a private PostgreSQL cluster and moto's S3 server -----------------
+
+
+def _unavailable(reason: str):
+    """Skip a test whose service cannot start, except in CI (env CI set), which must run them all."""
+    if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
+        pytest.fail(f"CI requires this service: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory):
+    """A PostgreSQL server for the session (services.PostgresServer): private cluster, or MODELSERVE_TEST_POSTGRES_URL."""
+    from services import ServiceUnavailable, start_postgres
+
+    try:
+        server = start_postgres(tmp_path_factory.mktemp("postgres"))
+    except ServiceUnavailable as e:
+        _unavailable(f"PostgreSQL unavailable: {e}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> str:
+    """SQLAlchemy URL (postgresql+psycopg://...) of a fresh, empty database for this test; dropped afterwards."""
+    import uuid
+
+    name = f"test_{uuid.uuid4().hex[:16]}"
+    url = postgres_server.create_database(name)
+    yield url
+    postgres_server.drop_database(name)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 in server mode on a free loopback port for the session (services.S3Server)."""
+    from services import ServiceUnavailable, start_moto
+
+    try:
+        server = start_moto()
+    except ServiceUnavailable as e:
+        _unavailable(f"S3 server unavailable: {e}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> tuple[str, dict]:
+    """A fresh bucket for this test: ("s3://<bucket>", storage_options for fsspec/s3fs)."""
+    import uuid
+
+    bucket = s3_server.create_bucket(f"test-{uuid.uuid4().hex[:16]}")
+    return f"s3://{bucket}", s3_server.storage_options()

@@ -172,8 +172,10 @@ class Registry:
                 parent_model_name, _, number = str(from_version).rpartition(":")
                 parent_model = self._model(session, parent_model_name) if parent_model_name else model
                 parent = self._resolve(session, parent_model, number)
-            number = (session.scalar(select(func.max(ModelVersion.number)).where(
-                ModelVersion.model_id == model.id)) or 0) + 1
+            # numbers are never reused, even after a delete: the history still names the old one
+            number = 1 + max(session.scalar(select(func.max(ModelVersion.number)).where(
+                ModelVersion.model_id == model.id)) or 0, session.scalar(select(func.max(HistoryEntry.to_version))
+                .where(HistoryEntry.model == name, HistoryEntry.action == "register")) or 0)
             version = ModelVersion(
                 model_id=model.id, number=number, format=fmt, artifact_uri=artifact.uri,
                 filename=_served_filename(path, fmt), digest=artifact.digest, size=artifact.size,
