@@ -8,8 +8,15 @@ PostgreSQL by URL), artifacts content-addressed in a store (a local folder by de
     reg.rollback("resnet", "production")                # one step back, recorded in the history
 """
 
-from modelserve.registry.info import (AliasInfo, HistoryInfo, ModelDetail, ModelSummary, ServedVersion,
-                                      ServingTarget, VersionInfo)
+from modelserve.registry.info import (
+                                      AliasInfo,
+                                      HistoryInfo,
+                                      ModelDetail,
+                                      ModelSummary,
+                                      ServedVersion,
+                                      ServingTarget,
+                                      VersionInfo,
+)
 from modelserve.registry.registry import ProtectedAlias, Registry
 from modelserve.registry.store import ArtifactStore, DigestMismatch, file_digest
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
+from typing import Annotated
 
-from pydantic import BaseModel
+from pydantic import AfterValidator, BaseModel
+
+#: SQLite hands datetimes back without a zone; they were written in UTC
+When = Annotated[datetime, AfterValidator(lambda d: d if d.tzinfo else d.replace(tzinfo=UTC))]
 
 
 class VersionInfo(BaseModel):
@@ -21,7 +25,7 @@ class VersionInfo(BaseModel):
     config: dict | None = None
     description: str = ""
     created_by: str = ""
-    created_at: datetime
+    created_at: When
     #: lineage: the version this one was derived from ("model:version" when in another model) and how
     parent: str | None = None
     step: str | None = None
@@ -38,12 +42,12 @@ class AliasInfo(BaseModel):
     #: share of requests (0..1) sent to ``canary_version``
     canary_weight: float = 0.0
     sticky_header: str | None = None
-    updated_at: datetime
+    updated_at: When
 
 
 class HistoryInfo(BaseModel):
     id: int
-    at: datetime
+    at: When
     actor: str
     action: str
     model: str
@@ -60,14 +64,14 @@ class ModelSummary(BaseModel):
     versions: int
     latest_version: int | None = None
     aliases: dict[str, int] = {}
-    created_at: datetime
+    created_at: When
 
 
 class ModelDetail(BaseModel):
     name: str
     description: str = ""
     created_by: str = ""
-    created_at: datetime
+    created_at: When
     versions: list[VersionInfo]
     aliases: list[AliasInfo]
     history: list[HistoryInfo]

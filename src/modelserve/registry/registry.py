@@ -9,7 +9,6 @@ surface as a constraint violation (two first registrations of one name) are retr
 from __future__ import annotations
 
 import getpass
-import json
 import logging
 import socket
 import time
@@ -23,17 +22,35 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from modelserve.errors import Conflict, InvalidInput, ModelNotFound
 from modelserve.registry.db import make_engine, migrate
-from modelserve.registry.info import (AliasInfo, HistoryInfo, ModelDetail, ModelSummary, ServedVersion,
-                                      ServingTarget, VersionInfo)
-from modelserve.registry.schema import Alias, HistoryEntry, ModelVersion, RegisteredModel, utcnow
+from modelserve.registry.info import (
+    AliasInfo,
+    HistoryInfo,
+    ModelDetail,
+    ModelSummary,
+    ServedVersion,
+    ServingTarget,
+    VersionInfo,
+)
+from modelserve.registry.model_file import (
+    FORMATS,
+    optimize_report,
+    report_metrics,
+    served_filename,
+    signature,
+)
+from modelserve.registry.schema import (
+    Alias,
+    HistoryEntry,
+    ModelVersion,
+    RegisteredModel,
+    utcnow,
+)
 from modelserve.registry.store import ArtifactStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 STEPS = ("convert", "optimize", "graph", "quantize", "fp16", "prune", "distill", "finetune", "retrain", "import")
-FORMATS = {".onnx": "onnx", ".pt": "torchscript", ".pth": "torchscript", ".pt2": "torch_export",
-           ".tflite": "tflite", ".pkl": "sklearn", ".joblib": "sklearn", ".keras": "keras", ".h5": "keras"}
 MOVES = ("alias_set", "promote", "rollback")
 
 
@@ -152,10 +169,10 @@ class Registry:
             raise InvalidInput(f"step '{step}' is not one of {', '.join(STEPS)}")
         if step and from_version is None:
             raise InvalidInput(f"step '{step}' needs the version it started from (from_version)")
-        signature = _signature(path, fmt)
-        report = _optimize_report(path)
+        model_signature = signature(path, fmt)
+        report = optimize_report(path)
         if report:
-            metrics = {**_report_metrics(report), **(metrics or {})}
+            metrics = {**report_metrics(report), **(metrics or {})}
             if step and step_params is None:
                 step_params = {"steps": report.get("steps", [])}
         artifact = self.store.put(path)
@@ -178,8 +195,8 @@ class Registry:
                 .where(HistoryEntry.model == name, HistoryEntry.action == "register")) or 0)
             version = ModelVersion(
                 model_id=model.id, number=number, format=fmt, artifact_uri=artifact.uri,
-                filename=_served_filename(path, fmt), digest=artifact.digest, size=artifact.size,
-                signature=signature, metrics=metrics or {}, tags=tags or {}, config=config,
+                filename=served_filename(path, fmt), digest=artifact.digest, size=artifact.size,
+                signature=model_signature, metrics=metrics or {}, tags=tags or {}, config=config,
                 description=description, created_by=self.actor, created_at=utcnow(),
                 parent_id=parent.id if parent else None, step=step, step_params=step_params or {})
             session.add(version)
@@ -499,64 +516,3 @@ def _previous_versions(session: Session, name: str, alias: str) -> list[int]:
         elif h.action == "alias_delete":
             stack.clear()
     return stack
-
-
-def _served_filename(path: Path, fmt: str) -> str:
-    return "model.onnx" if fmt == "onnx" else path.name
-
-
-def _signature(path: Path, fmt: str) -> dict:
-    """Inputs and outputs (V2 datatypes, -1 for free dims) of an ONNX file; checks it parses."""
-    if fmt != "onnx":
-        return {}
-    import numpy as np
-    import onnx
-
-    from modelserve.datatypes import v2_name
-
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # noqa: BLE001 - a corrupt file: say so, store nothing
-        raise InvalidInput(f"{path.name} is not a readable ONNX model: {exc}") from None
-    if not model.graph.output:
-        raise InvalidInput(f"{path.name} is not a readable ONNX model: its graph has no outputs")
-    initializers = {t.name for t in model.graph.initializer}
-
-    def tensors(values):
-        out = []
-        for t in values:
-            if t.name in initializers:
-                continue
-            tt = t.type.tensor_type
-            try:
-                datatype = v2_name(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)))
-            except Exception:  # noqa: BLE001 - a type V2 cannot name
-                datatype = str(tt.elem_type)
-            dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim]
-            out.append({"name": t.name, "datatype": datatype, "shape": dims})
-        return out
-
-    return {"inputs": tensors(model.graph.input), "outputs": tensors(model.graph.output)}
-
-
-def _optimize_report(path: Path) -> dict | None:
-    report = path.with_name(path.stem + ".report.json")
-    if not report.is_file():
-        return None
-    try:
-        return json.loads(report.read_text())
-    except (OSError, ValueError):
-        log.warning("ignoring unreadable optimization report %s", report)
-        return None
-
-
-def _report_metrics(report: dict) -> dict:
-    result, summary = report.get("result") or {}, report.get("summary") or {}
-    keep = ("size_bytes", "parameters", "sparsity", "top1", "top5", "agreement", "throughput")
-    metrics = {k: result[k] for k in keep if result.get(k) is not None}
-    for batch in ("1", "32"):
-        lat = (result.get("latency_ms") or {}).get(batch)
-        if lat:
-            metrics[f"p50_ms_b{batch}"] = lat.get("p50")
-    metrics.update({k: v for k, v in summary.items() if v is not None})
-    return metrics
