@@ -212,3 +212,8 @@ def evaluate(
     except (ValueError, OSError) as exc:
         _fail(str(exc))
     print_profile(profile) if not json_out else typer.echo(json.dumps(profile.to_dict(), indent=2))
+
+
+from modelserve.cli_models import models_app  # noqa: E402 - the registry commands (imports stay lazy inside)
+
+app.add_typer(models_app, name="models")

@@ -43,6 +43,8 @@ class AliasInfo(BaseModel):
     canary_weight: float = 0.0
     sticky_header: str | None = None
     updated_at: When
+    #: set by the call that moved the alias: the version it pointed at just before (None when new)
+    previous_version: int | None = None
 
 
 class HistoryInfo(BaseModel):

@@ -169,6 +169,8 @@ class Registry:
             raise InvalidInput(f"step '{step}' is not one of {', '.join(STEPS)}")
         if step and from_version is None:
             raise InvalidInput(f"step '{step}' needs the version it started from (from_version)")
+        if config is not None:
+            config = _checked_config(config, name)
         model_signature = signature(path, fmt)
         report = optimize_report(path)
         if report:
@@ -227,6 +229,10 @@ class Registry:
 
         def work(session: Session) -> AliasInfo:
             model = self._model(session, name)
+            if action == "promote":  # version names the source alias: read it in this transaction
+                source = self._alias(session, model, str(version))
+                if source is None:
+                    raise ModelNotFound(f"model '{name}' has no alias '{version}' to promote from")
             target = self._resolve(session, model, version)
             canary_version = self._resolve(session, model, canary) if canary is not None else None
             if canary_version is not None and canary_version.id == target.id:
@@ -252,7 +258,7 @@ class Registry:
                 self._record(session, action, name, alias=alias, from_version=before.get("version"),
                              to_version=target.number, reason=reason,
                              details={k: v for k, v in after.items() if k != "version" and v})
-            return _alias_info(row)
+            return _alias_info(row, previous=before.get("version"))
 
         return self._tx(work)
 
@@ -261,9 +267,14 @@ class Registry:
             raise ProtectedAlias(f"alias '{row.name}' of model '{name}' is protected: moving it needs force "
                                  f"(--force, the admin right) and a reason (--reason)")
 
-    def protect(self, name: str, alias: str, protected: bool = True, reason: str = "") -> AliasInfo:
+    def protect(self, name: str, alias: str, protected: bool = True, *, force: bool = False,
+                reason: str = "") -> AliasInfo:
+        """Protect an alias; lifting the protection needs force and a reason, like moving it."""
+
         def work(session: Session) -> AliasInfo:
             row = self._existing_alias(session, name, alias)
+            if not protected:
+                self._check_protected(row, name, force, reason)
             if row.protected != protected:
                 row.protected = protected
                 self._record(session, "protect" if protected else "unprotect", name, alias=alias,
@@ -282,12 +293,7 @@ class Registry:
     def promote(self, name: str, source: str = "staging", target: str = "production", *,
                 force: bool = False, reason: str = "") -> AliasInfo:
         """Point ``target`` at the version ``source`` points at (staging → production by default)."""
-        with self.sessions() as session:
-            row = self._alias(session, self._model(session, name), source)
-            if row is None:
-                raise ModelNotFound(f"model '{name}' has no alias '{source}' to promote from")
-            number = row.version.number
-        return self.set_alias(name, target, number, force=force, reason=reason or f"promoted from {source}",
+        return self.set_alias(name, target, source, force=force, reason=reason or f"promoted from {source}",
                               action="promote")
 
     def rollback(self, name: str, alias: str = "production", *, force: bool = False, reason: str = "") -> AliasInfo:
@@ -311,7 +317,7 @@ class Registry:
             session.refresh(row)
             self._record(session, "rollback", name, alias=alias, from_version=current, to_version=target.number,
                          reason=reason)
-            return _alias_info(row)
+            return _alias_info(row, previous=current)
 
         return self._tx(work)
 
@@ -398,7 +404,10 @@ class Registry:
         if session is not None:
             return [_history_info(h) for h in session.scalars(query)]
         with self.sessions() as s:
-            return [_history_info(h) for h in s.scalars(query)]
+            rows = [_history_info(h) for h in s.scalars(query)]
+            if not rows and name:
+                self._model(s, name)  # an unknown model is an error, not an empty history
+            return rows
 
     def lineage(self, name: str, ref: int | str) -> list[VersionInfo]:
         """The version and its ancestors, newest first."""
@@ -481,11 +490,11 @@ def _alias_state(row: Alias | None) -> dict:
             "weight": row.canary_weight or 0.0, "sticky_header": row.sticky_header, "protected": row.protected}
 
 
-def _alias_info(row: Alias) -> AliasInfo:
+def _alias_info(row: Alias, previous: int | None = None) -> AliasInfo:
     return AliasInfo(model=row.model.name, alias=row.name, version=row.version.number, protected=row.protected,
                      canary_version=row.canary_version.number if row.canary_version else None,
                      canary_weight=row.canary_weight or 0.0, sticky_header=row.sticky_header,
-                     updated_at=row.updated_at)
+                     updated_at=row.updated_at, previous_version=previous)
 
 
 def _history_info(h: HistoryEntry) -> HistoryInfo:
@@ -516,3 +525,14 @@ def _previous_versions(session: Session, name: str, alias: str) -> list[int]:
         elif h.action == "alias_delete":
             stack.clear()
     return stack
+
+
+def _checked_config(config: dict, name: str) -> dict:
+    """The serving config stored with a version must be one the server accepts: check it now, not at load."""
+    from modelserve.server.config import ModelConfig
+
+    try:
+        ModelConfig.model_validate({**config, "name": name})
+    except ValueError as exc:
+        raise InvalidInput(f"the model config for '{name}' is not valid: {exc}") from None
+    return config
