@@ -25,10 +25,21 @@ def serve(
     ort_threads: int = typer.Option(0, envvar="MODELSERVE_ORT_THREADS",
                                     help="ONNX Runtime intra-op threads when a model's config does not say"),
     log_level: str = typer.Option("info", help="debug, info, warning, error"),
+    registry: Optional[str] = typer.Option(None, help="Registry database URL: serve the versions --alias names "
+                                                      "(instead of --model-repository) and follow its moves"),
+    alias: str = typer.Option("production", help="With --registry: the alias to serve"),
+    artifacts: Optional[str] = typer.Option(None, help="With --registry: artifact store URL (default: "
+                                                       "MODELSERVE_REGISTRY_ARTIFACTS, or beside the SQLite file)"),
+    registry_poll: float = typer.Option(2.0, help="With --registry: seconds between checks for alias moves"),
+    registry_cache: Optional[Path] = typer.Option(None, envvar="MODELSERVE_REGISTRY_CACHE",
+                                                  help="With --registry: folder for fetched artifacts "
+                                                       "(default: one per registry under ~/.cache/modelserve)"),
 ):
-    """Serve a model repository over KServe V2 REST and gRPC (Triton clients work unchanged).
+    """Serve a model repository, or a registry alias, over KServe V2 REST and gRPC (Triton clients work unchanged).
 
     Example: modelserve serve --model-repository models --http-port 8000 --grpc-port 8001
+
+    Example: modelserve serve --registry postgresql+psycopg://db/registry --artifacts s3://models --alias production
     """
     from modelserve.logs import setup_logging
     from modelserve.server.app import run
@@ -41,6 +52,9 @@ def serve(
         model_repository=model_repository, host=host, http_port=http_port, grpc_port=grpc_port,
         model_control_mode=model_control_mode, load_models=load_model or [], poll_interval_s=poll_interval,
         max_request_bytes=max_request_bytes, ort_threads=ort_threads, log_level=log_level,
+        alias=alias, registry_poll_s=registry_poll,
+        **{k: v for k, v in (("registry", registry), ("registry_artifacts", artifacts),
+                             ("registry_cache", registry_cache)) if v is not None},
     ))
 
 

@@ -54,15 +54,6 @@ def _esc(text: Any) -> str:
     return escape(str(text))
 
 
-def _safe_url(url: str) -> str:
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - not a URL at all: say it as given
-        return url
-
-
 @contextmanager
 def _registry(url: Optional[str], artifacts: Optional[str]) -> Iterator[Registry]:
     """Open the registry; turn every expected failure into ``error: …`` and an exit code."""
@@ -70,9 +61,10 @@ def _registry(url: Optional[str], artifacts: Optional[str]) -> Iterator[Registry
 
     from modelserve.errors import InvalidInput, ModelServeError
     from modelserve.registry import Registry
+    from modelserve.registry.db import safe_url
 
     overrides = {k: v for k, v in (("url", url), ("artifacts", artifacts)) if v}
-    shown = _safe_url(url or "the default registry")
+    shown = safe_url(url or "the default registry")
     try:
         reg = Registry.from_settings(**overrides)
     except ModelServeError as exc:

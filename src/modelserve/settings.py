@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -31,6 +33,28 @@ class ServerSettings(BaseSettings):
     #: GIL switch interval: inference threads wait up to this long to hand results back to a busy loop
     switch_interval_s: float = 0.0005
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
+    #: registry database URL: serve what ``alias`` points at instead of scanning ``model_repository``
+    registry: str | None = None
+    alias: str = "production"
+    #: seconds between checks of the registry for alias moves
+    registry_poll_s: float = 2.0
+    #: artifact store URL; default: ``RegistrySettings`` (``MODELSERVE_REGISTRY_ARTIFACTS`` or beside the SQLite file)
+    registry_artifacts: str | None = None
+    #: where fetched artifacts are kept (<cache>/<model>/<version>/<file>); default: one folder per registry
+    #: under ``$XDG_CACHE_HOME/modelserve`` (``~/.cache/modelserve``)
+    registry_cache: Path | None = None
+
+    def registry_settings(self) -> RegistrySettings:
+        """The registry to follow: ``registry`` and ``registry_artifacts`` over ``MODELSERVE_REGISTRY_*``."""
+        given = {"url": self.registry, "artifacts": self.registry_artifacts}
+        return RegistrySettings(**{k: v for k, v in given.items() if v})
+
+    def cache_dir(self) -> Path:
+        if self.registry_cache:
+            return self.registry_cache
+        rs = self.registry_settings()
+        key = hashlib.sha256(f"{rs.url}\n{rs.artifacts_url()}".encode()).hexdigest()[:16]
+        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "modelserve" / f"registry-{key}"
 
 
 DEFAULT_REGISTRY_DIR = Path("modelserve-registry")

@@ -42,6 +42,14 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
+def safe_url(url: str) -> str:
+    """The URL with its password hidden, for logs and messages."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL at all: say it as given
+        return url
+
+
 def _alembic_config(connection) -> Config:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))

@@ -7,6 +7,9 @@ line a script can parse::
 
 SIGTERM / SIGINT: readiness turns false, both listeners stop taking new requests, in-flight
 requests finish (up to ``drain_timeout_s``), the models drain and unload, the process exits 0.
+
+With ``settings.registry`` the models come from a registry alias (``registry_follower.py``) instead of
+the model-repository folder, and ``/v2/registry/...`` serves the registry's management API.
 """
 
 from __future__ import annotations
@@ -50,12 +53,35 @@ def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _follow_registry(settings: ServerSettings, runtime_defaults: RuntimeOptions):
+    """Registry mode: the registry, a manager whose repository is the artifact cache, and the follower."""
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # its info lines say nothing to an operator
+    from modelserve.registry import Registry
+    from modelserve.registry.db import safe_url
+    from modelserve.server.registry_follower import RegistryFollower
+
+    rs, cache = settings.registry_settings(), settings.cache_dir()
+    try:  # engines connect lazily: an unreachable database is the follower's to retry, not a start failure
+        registry = Registry(rs.url, rs.artifacts_url(), rs.storage_options, rs.actor or None, upgrade=False)
+    except Exception as exc:  # noqa: BLE001 - a bad URL or a missing driver: say which, exit 2
+        print(f"error: cannot open registry {safe_url(rs.url)}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    manager = ModelManager(cache, "registry", runtime_defaults=runtime_defaults, warmup=True)
+    follower = RegistryFollower(registry, manager, settings.alias, cache, settings.registry_poll_s)
+    log.info("following alias '%s' of registry %s (artifacts cached in %s)", settings.alias, safe_url(rs.url), cache)
+    return registry, manager, follower
+
+
 async def serve(settings: ServerSettings) -> None:
     runtime_defaults = RuntimeOptions(intra_op_threads=settings.ort_threads) if settings.ort_threads else RuntimeOptions()
-    manager = ModelManager(settings.model_repository, settings.model_control_mode, settings.poll_interval_s,
-                           runtime_defaults)
+    registry = follower = None
+    if settings.registry:
+        registry, manager, follower = _follow_registry(settings, runtime_defaults)
+    else:
+        manager = ModelManager(settings.model_repository, settings.model_control_mode, settings.poll_interval_s,
+                               runtime_defaults)
     dataplane = Dataplane(manager)
-    app = create_app(dataplane, settings.max_request_bytes)
+    app = create_app(dataplane, settings.max_request_bytes, registry, follower)
 
     sock = _bind(settings.host, settings.http_port)
     http_port = sock.getsockname()[1]
@@ -79,6 +105,8 @@ async def serve(settings: ServerSettings) -> None:
         loop.add_signal_handler(sig, stop.set)
 
     await manager.start(settings.load_models if settings.model_control_mode == "explicit" else None)
+    if follower:
+        await follower.start()
     while not http.started:  # the ready line promises a listening socket
         if http_task.done():
             await http_task
@@ -94,6 +122,8 @@ async def serve(settings: ServerSettings) -> None:
     await asyncio.wait([stopped, http_task], return_when=asyncio.FIRST_COMPLETED)
     log.info("shutting down: draining in-flight requests")
     dataplane.ready = False
+    if follower:  # no swap starts while draining
+        await follower.close()
     if health:
         await health.set("", NOT_SERVING)
     http.should_exit = True
@@ -101,6 +131,8 @@ async def serve(settings: ServerSettings) -> None:
         await grpc_server.stop(grace=settings.drain_timeout_s)
     await http_task
     await manager.close()
+    if registry:
+        await asyncio.to_thread(registry.close)
     log.info("stopped")
 
 

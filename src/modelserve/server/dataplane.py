@@ -8,6 +8,7 @@ statistics answers are built here as plain dicts in the V2 vocabulary.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,7 +17,7 @@ import modelserve
 from modelserve.datatypes import v2_name
 from modelserve.errors import InvalidInput, ModelNotReady, ModelNotFound
 from modelserve.server.config import ModelConfig, parse_override
-from modelserve.server.models import ModelManager
+from modelserve.server.models import ModelManager, ModelVersion
 
 EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "statistics"]
 #: request parameters clients send that need no action from us
@@ -32,6 +33,10 @@ class InferRequest:
     outputs: list[str] | None = None
     id: str | None = None
     parameters: dict = field(default_factory=dict)
+    #: the transport's headers as it holds them, unparsed: ASGI's raw ``(bytes, bytes)`` pairs, or a
+    #: function returning gRPC metadata ``(str, str)`` pairs (building them costs microseconds); read only
+    #: when the model has a sticky canary split
+    headers: Sequence[tuple] | Callable[[], Sequence[tuple]] | None = None
 
 
 @dataclass(slots=True)
@@ -122,7 +127,7 @@ class Dataplane:
         for key in request.parameters:
             if key.startswith("triton_") and key not in _ACCEPTED_RESERVED:
                 raise InvalidInput(f"parameter '{key}' is reserved (keys starting 'triton_' are)")
-        mv = self.manager.get(request.model, request.version)
+        mv = self._route(request)
         started = time.perf_counter_ns()
         try:
             rows = check_inputs(mv.config, request.inputs)
@@ -131,13 +136,33 @@ class Dataplane:
                 results = await mv.infer(request.inputs, outputs, rows)
             except ModelNotReady:
                 # the version was swapped out between lookup and queueing: take its successor
-                mv = self.manager.get(request.model, request.version)
+                mv = self._route(request)
                 results = await mv.infer(request.inputs, outputs, rows)
         except BaseException:
             mv.stats.request_done(False, time.perf_counter_ns() - started)
             raise
         mv.stats.request_done(True, time.perf_counter_ns() - started)
-        return InferResponse(request.model, mv.version_str, results, request.id)
+        return InferResponse(request.model, mv.version_str, results, request.id)  # the version that answered
+
+    def _route(self, request: InferRequest) -> ModelVersion:
+        """The version for a request; the sticky header is looked up only when the model's split has one."""
+        key = None
+        if request.version is None and request.headers:
+            entry = self.manager.models.get(request.model)
+            header = entry.split.sticky_header if entry is not None and entry.split is not None else None
+            if header:
+                headers = request.headers() if callable(request.headers) else request.headers
+                key = header_value(headers or (), header)
+        return self.manager.get(request.model, request.version, key)
+
+
+def header_value(headers: Sequence[tuple], name: str) -> str | bytes | None:
+    """The first value of header ``name`` (lower case) among ASGI byte pairs or gRPC metadata pairs."""
+    raw = name.encode("latin-1")
+    for key, value in headers:
+        if key == raw or key == name:
+            return value
+    return None
 
 
 def check_inputs(config: ModelConfig, inputs: dict[str, np.ndarray]) -> int:

@@ -106,7 +106,7 @@ class InferenceService:
     @_mapped
     async def ModelInfer(self, request, context):
         _check_version(request.model_version)
-        return encode_response(await self.dataplane.infer(decode_request(request)))
+        return encode_response(await self.dataplane.infer(decode_request(request, context)))
 
     async def ModelStreamInfer(self, requests, context):
         """Requests run concurrently; each answer (or in-stream error) carries the request's id."""
@@ -116,7 +116,7 @@ class InferenceService:
             try:
                 _check_version(request.model_version)
                 message = pb.ModelStreamInferResponse(
-                    infer_response=encode_response(await self.dataplane.infer(decode_request(request))))
+                    infer_response=encode_response(await self.dataplane.infer(decode_request(request, context))))
             except Exception as exc:  # noqa: BLE001 - an error stays inside the stream
                 text = exc.message if isinstance(exc, ModelServeError) else f"internal error: {exc}"
                 message = pb.ModelStreamInferResponse(error_message=text, infer_response=pb.ModelInferResponse(
@@ -151,7 +151,7 @@ def _param_value(param):
     return getattr(param, kind) if kind else None
 
 
-def decode_request(request: pb.ModelInferRequest) -> InferRequest:
+def decode_request(request: pb.ModelInferRequest, context: grpc.aio.ServicerContext | None = None) -> InferRequest:
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise InvalidInput(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs; need one per input")
@@ -170,7 +170,9 @@ def decode_request(request: pb.ModelInferRequest) -> InferRequest:
             inputs[name] = _from_contents(tensor, shape)
     outputs = [o.name for o in request.outputs] or None
     params = {k: _param_value(v) for k, v in request.parameters.items()}
-    return InferRequest(request.model_name, request.model_version or None, inputs, outputs, request.id, params)
+    headers = context.invocation_metadata if context is not None else None  # called only for a sticky split
+    return InferRequest(request.model_name, request.model_version or None, inputs, outputs, request.id, params,
+                        headers)
 
 
 def _from_contents(tensor, shape: list[int]) -> np.ndarray:

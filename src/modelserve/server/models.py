@@ -5,6 +5,10 @@ Layout: ``<repository>/<model>/<version>/model.onnx`` plus an optional config fi
 dict entry in one step (new requests go to the new set), then drains and unloads the old set, so
 in-flight requests finish on the version they started on and none fails during a swap.
 A model that fails to load is recorded as UNAVAILABLE with its reason and never blocks others.
+
+Registry mode (``control_mode="registry"``): no folder scan; ``RegistryFollower`` fetches the versions an
+alias names into the repository folder (a cache) and loads them with a ``Split``, which spreads requests
+that name no version between the alias's primary and canary versions.
 """
 
 from __future__ import annotations
@@ -12,13 +16,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from modelserve.datatypes import NUMPY_OF
 from modelserve.errors import ModelLoadError, ModelNotFound, ModelNotReady, ModelServeError, Unsupported
-from modelserve.runtime import RuntimeOptions, runtime_class
+from modelserve.runtime import Runtime, RuntimeOptions, TensorSpec, runtime_class
 from modelserve.server.batcher import DynamicBatcher
 from modelserve.server.config import CONFIG_FILES, DEFAULT_MAX_QUEUE_SIZE, ModelConfig, read_model_config
 from modelserve.server.stats import ModelStats
@@ -48,6 +55,27 @@ class ModelVersion:
         return await self.batcher.infer(inputs, outputs, rows)
 
 
+@dataclass(frozen=True, slots=True)
+class Split:
+    """Where requests that name no version go: ``weight`` (0..1) of them to ``canary``, the rest to
+    ``primary``; with ``sticky_header`` the header's value decides, so one caller always gets one version."""
+
+    primary: int
+    canary: int | None = None
+    weight: float = 0.0
+    #: lower-case header name (gRPC: metadata key)
+    sticky_header: str | None = None
+
+    def pick(self, route_key: str | bytes | None = None) -> int:
+        if self.canary is None or self.weight <= 0.0:
+            return self.primary
+        if not route_key:  # no header (or an empty one): by weight alone
+            share = random.random()
+        else:  # a stable hash: the same value lands on the same side in every process
+            share = zlib.crc32(route_key.encode() if isinstance(route_key, str) else route_key) / 4294967296.0
+        return self.canary if share < self.weight else self.primary
+
+
 @dataclass
 class ModelEntry:
     name: str
@@ -55,6 +83,10 @@ class ModelEntry:
     #: why the model as a whole is unavailable (bad config, no version folder); "" when fine
     reason: str = ""
     fingerprint: tuple = ()
+    #: registry mode: how unversioned requests are spread over the versions
+    split: Split | None = None
+    #: versions that were to be served but were refused (digest mismatch, load failure): version -> reason
+    refused: dict[int, str] = field(default_factory=dict)
 
     def ready_versions(self) -> list[ModelVersion]:
         return [v for _, v in sorted(self.versions.items()) if v.state == READY]
@@ -67,13 +99,18 @@ class ModelManager:
         control_mode: str = "none",
         poll_interval_s: float = 2.0,
         runtime_defaults: RuntimeOptions | None = None,
+        warmup: bool = False,
     ):
-        if control_mode not in ("none", "explicit", "poll"):
-            raise ValueError(f"model control mode must be none, explicit or poll, not '{control_mode}'")
+        if control_mode not in ("none", "explicit", "poll", "registry"):
+            raise ValueError(f"model control mode must be none, explicit, poll or registry, not '{control_mode}'")
         self.repository = Path(repository)
         self.control_mode = control_mode
         self.poll_interval_s = poll_interval_s
         self.runtime_defaults = runtime_defaults or RuntimeOptions()
+        #: run one inference of zeros on each new instance before it takes traffic
+        self.warmup = warmup
+        #: registry mode fills the repository folder itself: it is a cache, never scanned
+        self.scans = control_mode != "registry"
         self.models: dict[str, ModelEntry] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._poller: asyncio.Task | None = None
@@ -82,6 +119,9 @@ class ModelManager:
 
     async def start(self, models: list[str] | None = None) -> None:
         """Load the models at start-up: all of them (modes none/poll) or those named (explicit)."""
+        if not self.scans:  # registry mode: the follower loads what the alias names
+            await asyncio.to_thread(self.repository.mkdir, parents=True, exist_ok=True)
+            return
         if not self.repository.is_dir():
             raise FileNotFoundError(f"model repository {self.repository} is not a folder")
         names = models if models is not None else ([] if self.control_mode == "explicit" else self.repository_models())
@@ -98,17 +138,21 @@ class ModelManager:
         self.models.clear()
 
     def repository_models(self) -> list[str]:
+        if not self.scans:
+            return []
         return sorted(
             d.name for d in self.repository.iterdir()
             if d.is_dir() and not d.name.startswith(".") and d.name != "stats"
         )
 
     def in_repository(self, name: str) -> bool:
-        return "/" not in name and not name.startswith(".") and (self.repository / name).is_dir()
+        return self.scans and "/" not in name and not name.startswith(".") and (self.repository / name).is_dir()
 
     # -- lookups (hot path: memory only) ---------------------------------------------------
 
-    def get(self, name: str, version: str | None = None) -> ModelVersion:
+    def get(self, name: str, version: str | None = None, route_key: str | bytes | None = None) -> ModelVersion:
+        """The version to run: the one asked for, else the split's pick (canary not ready: the primary),
+        else the newest ready one. ``route_key``: the sticky header's value, if the request has one."""
         entry = self.models.get(name)
         if entry is None:
             raise ModelNotFound(f"Request for unknown model: '{name}' is not found")
@@ -123,6 +167,12 @@ class ModelManager:
             if found.state != READY:
                 raise ModelNotReady(f"model '{name}' version {number} is not ready: {found.state} {found.reason}".strip())
             return found
+        split = entry.split
+        if split is not None:
+            for number in (split.pick(route_key), split.primary):
+                found = entry.versions.get(number)
+                if found is not None and found.state == READY:
+                    return found
         ready = entry.ready_versions()
         if not ready:
             raise ModelNotReady(f"model '{name}' has no ready version" + (f": {entry.reason}" if entry.reason else ""))
@@ -138,12 +188,14 @@ class ModelManager:
             if entry is None:
                 rows.append({"name": name, "state": UNAVAILABLE, "reason": "unloaded"})
                 continue
-            if entry.reason and not entry.versions:
+            if entry.reason and not entry.versions and not entry.refused:
                 rows.append({"name": name, "state": UNAVAILABLE, "reason": entry.reason})
-            for v in sorted(entry.versions.values(), key=lambda v: v.version):
-                row = {"name": name, "version": v.version_str, "state": v.state}
-                if v.reason:
-                    row["reason"] = v.reason
+            found = {v.version: (v.state, v.reason) for v in entry.versions.values()}
+            found.update({n: (UNAVAILABLE, r) for n, r in entry.refused.items() if n not in found})
+            for number, (state, reason) in sorted(found.items()):
+                row = {"name": name, "version": str(number), "state": state}
+                if reason:
+                    row["reason"] = reason
                 rows.append(row)
         return [r for r in rows if r["state"] == READY] if ready_only else rows
 
@@ -152,8 +204,9 @@ class ModelManager:
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
 
-    async def load(self, name: str, config: ModelConfig | None = None) -> ModelEntry:
-        """Load (or reload) a model; swap it in when at least one version is ready."""
+    async def load(self, name: str, config: ModelConfig | None = None, split: Split | None = None) -> ModelEntry:
+        """Load (or reload) a model; swap it in when at least one version is ready (with a ``split``:
+        when its primary is), else keep the previous versions serving and raise ``ModelLoadError``."""
         if "/" in name or name in ("", ".", "..") or name.startswith("."):
             raise ModelNotFound(f"'{name}' is not a model name")
         model_dir = self.repository / name
@@ -162,11 +215,15 @@ class ModelManager:
         async with self._lock(name):
             fingerprint = await asyncio.to_thread(_fingerprint, model_dir)
             entry = await self._build(name, model_dir, config)
-            entry.fingerprint = fingerprint
+            entry.fingerprint, entry.split = fingerprint, split
             old = self.models.get(name)
-            if old and old.ready_versions() and not entry.ready_versions():
-                reasons = entry.reason or "; ".join(f"v{v.version}: {v.reason}" for v in entry.versions.values())
+            ready = entry.ready_versions()
+            serving = bool(ready) if split is None else any(v.version == split.primary for v in ready)
+            if old and old.ready_versions() and not serving:
+                reasons = entry.reason or "; ".join(f"v{v.version}: {v.reason}"
+                                                    for v in entry.versions.values() if v.reason)
                 old.fingerprint = fingerprint
+                await asyncio.gather(*(v.batcher.close() for v in ready))  # a canary that did load
                 log.error("model '%s' reload failed, previous versions keep serving: %s", name, reasons)
                 raise ModelLoadError(f"model '{name}' failed to load, previous versions keep serving: {reasons}")
             self.models[name] = entry
@@ -178,11 +235,23 @@ class ModelManager:
                 raise ModelLoadError(f"model '{name}' failed to load: {entry.reason or states}")
             return entry
 
+    def set_split(self, name: str, split: Split) -> None:
+        """Change how a loaded model's traffic is spread (no reload: its versions are loaded already)."""
+        entry = self.models[name]
+        entry.split, entry.refused = split, {}
+
+    def refuse(self, name: str, reasons: dict[int, str]) -> None:
+        """Record versions that were to be served and were not; what serves now goes on serving."""
+        entry = self.models.get(name)
+        if entry is None:
+            entry = self.models[name] = ModelEntry(name, {}, reason="; ".join(reasons.values()))
+        entry.refused = dict(reasons)
+
     async def unload(self, name: str) -> None:
         async with self._lock(name):
             entry = self.models.pop(name, None)
             if entry is None:
-                if not (self.repository / name).is_dir():
+                if not self.in_repository(name):
                     raise ModelNotFound(f"Request for unknown model: '{name}' is not found")
                 return
             await self._drain(entry)
@@ -224,6 +293,8 @@ class ModelManager:
             inputs, outputs = runtimes[0].signature()
             batch_dynamic = all(t.dims and t.dims[0] == -1 for t in inputs + outputs)
             mv.config = config.complete(inputs, outputs, batch_dynamic)
+            if self.warmup:
+                await asyncio.to_thread(_warm_up, f"{name}:{version}", runtimes, inputs)
         except ModelServeError as exc:
             mv.state, mv.reason = UNAVAILABLE, exc.message
             log.error("model '%s' version %d: %s", name, version, exc.message)
@@ -265,6 +336,9 @@ class ModelManager:
             await self.unload(name)
 
     def require_explicit(self, action: str) -> None:
+        if self.control_mode == "registry":
+            raise Unsupported(f"{action}: this server serves a registry alias; move the alias instead "
+                              "(modelserve models alias set, or PUT /v2/registry/models/{name}/aliases/{alias})")
         if self.control_mode == "none":
             raise Unsupported(f"{action} needs --model-control-mode explicit or poll (this server runs 'none')")
 
@@ -272,6 +346,20 @@ class ModelManager:
 def _with_defaults(options: RuntimeOptions, defaults: RuntimeOptions) -> RuntimeOptions:
     set_fields = options.model_fields_set
     return options.model_copy(update={k: getattr(defaults, k) for k in defaults.model_fields_set if k not in set_fields})
+
+
+def _warm_up(label: str, runtimes: list[Runtime], inputs: list[TensorSpec]) -> None:
+    """One inference of zeros (free dims = 1) per instance, so the first real request does not pay for
+    lazy initialisation. Best effort: a model that refuses zeros (or takes strings) is served cold."""
+    if any(NUMPY_OF.get(t.datatype, NUMPY_OF["BYTES"]).kind == "O" for t in inputs):
+        return
+    feed = {t.name: np.zeros([d if d > 0 else 1 for d in t.dims], NUMPY_OF[t.datatype]) for t in inputs}
+    for runtime in runtimes:
+        try:
+            runtime.infer(feed)
+        except Exception as exc:  # noqa: BLE001 - warm-up is an optimisation, never a reason to refuse
+            log.debug("warm-up of %s skipped: %s", label, exc)
+            return
 
 
 def _version_folders(model_dir: Path) -> list[int]:

@@ -11,6 +11,7 @@ import json
 import logging
 import re
 import zlib
+from typing import TYPE_CHECKING
 
 import numpy as np
 import orjson
@@ -22,6 +23,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from modelserve.datatypes import NUMPY_OF, from_json, from_wire, to_json, to_wire, v2_name
 from modelserve.errors import InvalidInput, ModelServeError, PayloadTooLarge, QueueFull, Unsupported
 from modelserve.server.dataplane import Dataplane, InferRequest, InferResponse
+
+if TYPE_CHECKING:
+    from modelserve.registry import Registry
+    from modelserve.server.registry_follower import RegistryFollower
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +50,9 @@ def error_response(exc: ModelServeError) -> Response:
     return Response(body, status, headers)
 
 
-def create_app(dataplane: Dataplane, max_request_bytes: int) -> "InferRoute":
+def create_app(dataplane: Dataplane, max_request_bytes: int, registry: Registry | None = None,
+               follower: RegistryFollower | None = None) -> "InferRoute":
+    """The HTTP app; with a ``registry`` (and the ``follower`` serving it) also the management API."""
     app = FastAPI(title="modelserve", version=dataplane.server_metadata()["version"],
                   description="KServe V2 / Open Inference Protocol with Triton's extensions")
 
@@ -139,6 +146,12 @@ def create_app(dataplane: Dataplane, max_request_bytes: int) -> "InferRoute":
     async def named_repository(repository: str, model: str, action: str):
         raise Unsupported("named repositories are not supported; use /v2/repository/models/...")
 
+    if registry is not None:
+        from modelserve.server.registry_api import registry_router
+
+        app.include_router(registry_router(registry, follower.poke if follower else (lambda: None),
+                                           max_request_bytes, follower.status if follower else None))
+
     return InferRoute(app, dataplane, max_request_bytes)
 
 
@@ -171,6 +184,7 @@ class InferRoute:
             self.dataplane.manager.get(model, version)  # unknown or unready model: say so before parsing
             body = await read_body(headers, _chunks(receive), self.limit)
             request, binary_outputs = parse_infer(body, headers.get(HEADER_LENGTH), model, version)
+            request.headers = scope["headers"]  # for a sticky canary split; parsed only then
             response = await self.dataplane.infer(request)
             content, out = compress(headers.get("accept-encoding", ""), *encode_infer(response, binary_outputs))
             status = 200

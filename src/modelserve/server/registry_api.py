@@ -1,0 +1,199 @@
+"""The registry's management REST API, under ``/v2/registry`` on a server that follows a registry.
+
+One ``APIRouter`` holds every route so that authentication (a later issue) is added in one place
+(``APIRouter(dependencies=[...])``). Handlers stay thin: each registry call runs in a worker thread
+(the database and the artifact store are blocking I/O), errors are the registry's ``ModelServeError``
+subclasses, which ``rest.py`` maps to 400/404/409, and every change pokes the follower so this server
+swaps at once instead of at its next poll (other servers see it at theirs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+from fastapi import APIRouter, Body, Request, Response
+from pydantic import BaseModel, ConfigDict
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from modelserve.errors import Conflict, InvalidInput, ModelNotReady, PayloadTooLarge
+from modelserve.registry import AliasInfo, HistoryInfo, ModelDetail, ModelSummary, Registry, VersionInfo
+
+T = TypeVar("T")
+WRITE_CHUNK = 4 << 20
+
+
+class AliasRequest(BaseModel):
+    """Point an alias at a version (number or another alias), optionally with a weighted canary."""
+
+    model_config = ConfigDict(extra="forbid")
+    version: int | str
+    canary: int | str | None = None
+    #: share of requests (0..1, exclusive) sent to ``canary``
+    weight: float = 0.0
+    #: requests carrying this header always get the same version (by a hash of its value)
+    sticky_header: str | None = None
+    #: protect (true) or unprotect (false) the alias; null leaves it as it is
+    protect: bool | None = None
+    #: needed, with a reason, to move a protected alias
+    force: bool = False
+    reason: str = ""
+
+
+class PromoteRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    source: str = "staging"
+    target: str = "production"
+    force: bool = False
+    reason: str = ""
+
+
+class RollbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    alias: str = "production"
+    force: bool = False
+    reason: str = ""
+
+
+class RegistryUnavailable(ModelNotReady):
+    """The registry database cannot be reached (503): the server keeps serving what it has loaded."""
+
+
+_UPLOAD_BODY = {"requestBody": {"required": True, "description": "the model file's bytes",
+                                "content": {"application/octet-stream": {"schema": {"type": "string",
+                                                                                    "format": "binary"}}}}}
+
+
+def registry_router(registry: Registry, on_change: Callable[[], None], max_request_bytes: int,
+                    status: Callable[[], dict] | None = None) -> APIRouter:
+    router = APIRouter(prefix="/v2/registry", tags=["registry"])
+
+    async def call(fn: Callable[..., T], *args, **kwargs) -> T:
+        try:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except OperationalError as exc:
+            raise RegistryUnavailable(f"registry database unavailable: {exc.orig or exc}") from None
+        except IntegrityError as exc:  # a race the registry's retries did not settle
+            raise Conflict(f"conflicting change, try again: {exc.orig or exc}") from None
+
+    async def change(fn: Callable[..., T], *args, **kwargs) -> T:
+        result = await call(fn, *args, **kwargs)
+        on_change()
+        return result
+
+    @router.get("/models", response_model=list[ModelSummary], summary="List registered models")
+    async def list_models():
+        return await call(registry.list_models)
+
+    @router.get("/models/{name}", response_model=ModelDetail, summary="A model: versions, aliases, recent history")
+    async def show(name: str, history_limit: int = 50):
+        return await call(registry.show, name, history_limit=history_limit)
+
+    @router.post("/models/{name}/versions", response_model=VersionInfo, status_code=201,
+                 summary="Register a version by uploading its file (raw body)", openapi_extra=_UPLOAD_BODY)
+    async def register(request: Request, name: str, filename: str = "model.onnx", from_version: str | None = None,
+                       step: str | None = None, description: str = "", format: str | None = None):
+        if Path(filename).name != filename or filename in ("", ".", ".."):
+            raise InvalidInput(f"filename '{filename}' must be a plain file name such as model.onnx")
+        folder = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="modelserve-upload-"))
+        try:
+            path = folder / filename
+            await _save_upload(request, path, max_request_bytes)
+            return await change(registry.register, path, name, from_version=from_version, step=step,
+                                description=description, format=format)
+        finally:
+            await asyncio.to_thread(shutil.rmtree, folder, True)
+
+    @router.get("/models/{name}/versions/{version}", response_model=VersionInfo,
+                summary="A version, by number or by an alias naming it")
+    async def version(name: str, version: str):
+        return await call(registry.version, name, version)
+
+    @router.delete("/models/{name}/versions/{version}", status_code=204,
+                   summary="Delete a version (409 while an alias points at it)")
+    async def delete_version(name: str, version: int, reason: str = ""):
+        await change(registry.delete_version, name, version, reason=reason)
+        return Response(status_code=204)
+
+    @router.get("/models/{name}/versions/{version}/lineage", response_model=list[VersionInfo],
+                summary="The version and the versions it was derived from, newest first")
+    async def lineage(name: str, version: str):
+        return await call(registry.lineage, name, version)
+
+    @router.get("/models/{name}/aliases/{alias}", response_model=AliasInfo, summary="Where an alias points")
+    async def get_alias(name: str, alias: str):
+        return await call(registry.alias, name, alias)
+
+    @router.put("/models/{name}/aliases/{alias}", response_model=AliasInfo,
+                summary="Point an alias at a version, with an optional canary (409 if protected without force)")
+    async def set_alias(name: str, alias: str, body: AliasRequest):
+        return await change(registry.set_alias, name, alias, body.version, canary=body.canary, weight=body.weight,
+                            sticky_header=body.sticky_header, protect=body.protect, force=body.force,
+                            reason=body.reason)
+
+    @router.delete("/models/{name}/aliases/{alias}", status_code=204,
+                   summary="Delete an alias (servers following it unload the model)")
+    async def delete_alias(name: str, alias: str, force: bool = False, reason: str = ""):
+        await change(registry.delete_alias, name, alias, force=force, reason=reason)
+        return Response(status_code=204)
+
+    @router.post("/models/{name}/promote", response_model=AliasInfo,
+                 summary="Point the target alias at the source alias's version (staging -> production)")
+    async def promote(name: str, body: Annotated[PromoteRequest | None, Body()] = None):
+        body = body or PromoteRequest()
+        return await change(registry.promote, name, body.source, body.target, force=body.force, reason=body.reason)
+
+    @router.post("/models/{name}/rollback", response_model=AliasInfo,
+                 summary="Move an alias back to the version it pointed at before its last move")
+    async def rollback(name: str, body: Annotated[RollbackRequest | None, Body()] = None):
+        body = body or RollbackRequest()
+        return await change(registry.rollback, name, body.alias, force=body.force, reason=body.reason)
+
+    @router.get("/models/{name}/history", response_model=list[HistoryInfo], summary="The model's history, newest first")
+    async def history(name: str, alias: str | None = None, limit: int | None = 100):
+        def read() -> list[HistoryInfo]:
+            rows = registry.history(name, alias, limit)
+            if not rows:
+                registry.show(name, history_limit=1)  # an unknown model is a 404, not an empty list
+            return rows
+
+        return await call(read)
+
+    if status is not None:
+        @router.get("/serving", summary="What this server serves from the registry (its follower's view)")
+        async def serving() -> dict:
+            return status()
+
+    return router
+
+
+async def _save_upload(request: Request, path: Path, limit: int) -> None:
+    """Stream the raw body to ``path`` (writes in a worker thread), refusing more than ``limit`` bytes."""
+    if request.headers.get("content-type", "").startswith("multipart/"):
+        raise InvalidInput("send the model file as the raw body (Content-Type: application/octet-stream), not a form")
+    if request.headers.get("content-encoding", "identity").lower() not in ("identity", ""):
+        raise InvalidInput("compressed uploads are not supported: send the file as it is")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"upload of {declared} bytes exceeds the limit of {limit} bytes")
+    size, buffer = 0, bytearray()
+    out = await asyncio.to_thread(open, path, "wb")
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"upload exceeds the limit of {limit} bytes")
+            buffer += chunk
+            if len(buffer) >= WRITE_CHUNK:
+                await asyncio.to_thread(out.write, buffer)
+                buffer.clear()
+        if buffer:
+            await asyncio.to_thread(out.write, buffer)
+    finally:
+        await asyncio.to_thread(out.close)
+    if size == 0:
+        raise InvalidInput("empty upload: send the model file's bytes as the request body")
