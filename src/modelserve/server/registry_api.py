@@ -155,13 +155,7 @@ def registry_router(registry: Registry, on_change: Callable[[], None], max_reque
 
     @router.get("/models/{name}/history", response_model=list[HistoryInfo], summary="The model's history, newest first")
     async def history(name: str, alias: str | None = None, limit: int | None = 100):
-        def read() -> list[HistoryInfo]:
-            rows = registry.history(name, alias, limit)
-            if not rows:
-                registry.show(name, history_limit=1)  # an unknown model is a 404, not an empty list
-            return rows
-
-        return await call(read)
+        return await call(registry.history, name, alias, limit)
 
     if status is not None:
         @router.get("/serving", summary="What this server serves from the registry (its follower's view)")
