@@ -27,7 +27,9 @@ log = logging.getLogger(__name__)
 CONFIG_FILES = ("config.yaml", "config.yml", "config.pbtxt")
 DEFAULT_MAX_BATCH_SIZE = 32
 DEFAULT_MAX_QUEUE_SIZE = 1024
-PLATFORM_OF_BACKEND = {"onnxruntime": "onnxruntime_onnx"}
+PLATFORM_OF_BACKEND = {"onnxruntime": "onnxruntime_onnx", "python": "python", "pipeline": "ensemble"}
+#: the code/model file of a version folder when the config names none
+DEFAULT_FILE_OF_BACKEND = {"python": "model.py", "pipeline": ""}
 
 
 class _Strict(BaseModel):
@@ -84,6 +86,23 @@ class VersionPolicy(_Strict):
         return ordered[-self.latest:] if self.latest else []
 
 
+class PipelineStep(_Strict):
+    """One step of a ``backend: pipeline`` model (Triton's ensemble step, same meaning and aliases):
+    run ``model`` on pipeline tensors, ``inputs`` = {step input: pipeline tensor},
+    ``outputs`` = {step output: pipeline tensor}."""
+
+    model: str = Field(alias="model_name")
+    #: None (or Triton's -1) = the version the model serves by default
+    version: int | None = Field(default=None, alias="model_version")
+    inputs: dict[str, str] = Field(default={}, alias="input_map")
+    outputs: dict[str, str] = Field(default={}, alias="output_map")
+
+    @field_validator("version")
+    @classmethod
+    def _latest(cls, value: int | None) -> int | None:
+        return None if value is None or value < 0 else value
+
+
 class ModelConfig(_Strict):
     name: str
     backend: str = "onnxruntime"
@@ -98,6 +117,10 @@ class ModelConfig(_Strict):
     default_model_filename: str = ""
     runtime: RuntimeOptions = RuntimeOptions()
     parameters: dict[str, str] = {}
+    #: backend python: the PythonModel subclass in model.py ("" = the only one there)
+    python_class: str = Field(default="", alias="class")
+    #: backend pipeline: the steps, in order
+    steps: list[PipelineStep] = []
 
     @property
     def batching(self) -> bool:
@@ -106,7 +129,7 @@ class ModelConfig(_Strict):
     def model_file(self, version_dir: Path) -> Path:
         if self.default_model_filename:
             return version_dir / self.default_model_filename
-        return version_dir / "model.onnx"
+        return version_dir / DEFAULT_FILE_OF_BACKEND.get(self.backend, "model.onnx")
 
     def complete(self, inputs: list[TensorSpec], outputs: list[TensorSpec], batch_dynamic: bool) -> "ModelConfig":
         """Fill what the file left out from the model's own signature (shapes include the batch dim)."""
@@ -167,12 +190,16 @@ class ModelConfig(_Strict):
             "batch_output": [],
             "instance_group": [{"name": self.name, "kind": "KIND_CPU", "count": self.instances, "gpus": [],
                                 "secondary_devices": [], "profile": [], "passive": False, "host_policy": ""}],
-            "default_model_filename": self.default_model_filename or "model.onnx",
+            "default_model_filename": self.default_model_filename or DEFAULT_FILE_OF_BACKEND.get(self.backend, "model.onnx"),
             "cc_model_filenames": {},
             "metric_tags": {},
             "parameters": {k: {"string_value": v} for k, v in self.parameters.items()},
             "model_warmup": [],
         }
+        if self.steps:
+            out["ensemble_scheduling"] = {"step": [
+                {"model_name": s.model, "model_version": -1 if s.version is None else s.version,
+                 "input_map": s.inputs, "output_map": s.outputs} for s in self.steps]}
         if self.dynamic_batching is not None:
             out["dynamic_batching"] = {
                 "preferred_batch_size": self.dynamic_batching.preferred_batch_size,
@@ -215,6 +242,10 @@ def from_triton(data: dict[str, Any], folder_name: str) -> ModelConfig:
             kwargs[key] = data[key]
     if kwargs.get("platform", "").startswith("onnxruntime"):
         kwargs.setdefault("backend", "onnxruntime")
+    elif kwargs.get("platform") == "ensemble":  # Triton's ensemble is our pipeline, field for field
+        kwargs["backend"] = "pipeline"
+        kwargs["steps"] = [{k: v for k, v in step.items() if k in ("model_name", "model_version", "input_map", "output_map")}
+                           for step in data.get("ensemble_scheduling", {}).get("step", [])]
     elif "backend" not in kwargs and kwargs.get("platform"):
         raise ModelLoadError(f"model '{name}': platform '{kwargs['platform']}' is not supported yet")
     if "max_batch_size" in data:

@@ -18,6 +18,7 @@ from modelserve.datatypes import v2_name
 from modelserve.errors import InvalidInput, ModelNotReady, ModelNotFound
 from modelserve.server.config import ModelConfig, parse_override
 from modelserve.server.models import ModelManager, ModelVersion
+from modelserve.server.stages import infer_staged
 
 EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "statistics"]
 #: request parameters clients send that need no action from us
@@ -127,24 +128,43 @@ class Dataplane:
         for key in request.parameters:
             if key.startswith("triton_") and key not in _ACCEPTED_RESERVED:
                 raise InvalidInput(f"parameter '{key}' is reserved (keys starting 'triton_' are)")
-        mv = self._route(request)
+        mv = self.route(request)
         started = time.perf_counter_ns()
+        parameters = None
         try:
             rows = check_inputs(mv.config, request.inputs)
             outputs = check_outputs(mv.config, request.outputs)
             try:
-                results = await mv.infer(request.inputs, outputs, rows)
+                if mv.stage is None and mv.pipeline is None:  # the plain path: straight to the batcher
+                    results = await mv.infer(request.inputs, outputs, rows)
+                else:
+                    results, parameters = await self._around(mv, request, outputs, rows)
             except ModelNotReady:
+                if mv.pipeline is not None:  # a step's own infer has retried already
+                    raise
                 # the version was swapped out between lookup and queueing: take its successor
-                mv = self._route(request)
-                results = await mv.infer(request.inputs, outputs, rows)
+                mv = self.route(request)
+                results, parameters = await self._around(mv, request, outputs, rows)
         except BaseException:
             mv.stats.request_done(False, time.perf_counter_ns() - started)
             raise
         mv.stats.request_done(True, time.perf_counter_ns() - started)
-        return InferResponse(request.model, mv.version_str, results, request.id)  # the version that answered
+        # the version that answered
+        return InferResponse(request.model, mv.version_str, results, request.id, parameters or {})
 
-    def _route(self, request: InferRequest) -> ModelVersion:
+    async def _around(self, mv: ModelVersion, request: InferRequest, outputs: list[str] | None,
+                      rows: int) -> tuple[dict[str, np.ndarray], dict | None]:
+        """A version with per-request work: a pipeline's steps, or a stage around the batcher."""
+        if mv.pipeline is not None:
+            started = time.perf_counter_ns()
+            results, parameters = await mv.pipeline.run(self, request.inputs, outputs, request.id)
+            mv.stats.batch_done(1, rows, 0, 0, time.perf_counter_ns() - started, 0)
+            return results, parameters
+        if mv.stage is not None:
+            return await infer_staged(mv, request.inputs, outputs), None
+        return await mv.infer(request.inputs, outputs, rows), None
+
+    def route(self, request: InferRequest) -> ModelVersion:
         """The version for a request; the sticky header is looked up only when the model's split has one."""
         key = None
         if request.version is None and request.headers:

@@ -193,6 +193,16 @@ def _from_contents(tensor, shape: list[int]) -> np.ndarray:
 
 def encode_response(response: InferResponse) -> pb.ModelInferResponse:
     message = pb.ModelInferResponse(model_name=response.model, model_version=response.version, id=response.id or "")
+    for key, value in response.parameters.items():
+        param = message.parameters[key]
+        if isinstance(value, bool):
+            param.bool_param = value
+        elif isinstance(value, int):
+            param.int64_param = value
+        elif isinstance(value, float):
+            param.double_param = value
+        else:
+            param.string_param = str(value)
     for name, array in response.outputs.items():
         message.outputs.add(name=name, datatype=v2_name(array.dtype), shape=array.shape)
         message.raw_output_contents.append(bytes(to_wire(array)))

@@ -20,15 +20,20 @@ import random
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from modelserve.datatypes import NUMPY_OF
 from modelserve.errors import ModelLoadError, ModelNotFound, ModelNotReady, ModelServeError, Unsupported
-from modelserve.runtime import Runtime, RuntimeOptions, TensorSpec, runtime_class
+from modelserve.runtime import Runtime, RuntimeContext, RuntimeOptions, TensorSpec, runtime_class
 from modelserve.server.batcher import DynamicBatcher
 from modelserve.server.config import CONFIG_FILES, DEFAULT_MAX_QUEUE_SIZE, ModelConfig, read_model_config
+from modelserve.server.stages import RequestStage, client_config, stage_for
 from modelserve.server.stats import ModelStats
+
+if TYPE_CHECKING:
+    from modelserve.server.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +49,10 @@ class ModelVersion:
     reason: str = ""
     batcher: DynamicBatcher | None = None
     stats: ModelStats = field(default_factory=ModelStats)
+    #: per-request work around the batcher (``config`` then shows the stage's client-facing tensors)
+    stage: RequestStage | None = None
+    #: set for ``backend: pipeline``: the dataplane runs its steps instead of a batcher
+    pipeline: Pipeline | None = None
 
     @property
     def version_str(self) -> str:
@@ -113,6 +122,8 @@ class ModelManager:
         self.scans = control_mode != "registry"
         self.models: dict[str, ModelEntry] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        #: pipelines being built now (so that two never wait on each other)
+        self.building_pipelines: set[str] = set()
         self._poller: asyncio.Task | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -223,7 +234,7 @@ class ModelManager:
                 reasons = entry.reason or "; ".join(f"v{v.version}: {v.reason}"
                                                     for v in entry.versions.values() if v.reason)
                 old.fingerprint = fingerprint
-                await asyncio.gather(*(v.batcher.close() for v in ready))  # a canary that did load
+                await asyncio.gather(*(v.batcher.close() for v in ready if v.batcher))  # a canary that did load
                 log.error("model '%s' reload failed, previous versions keep serving: %s", name, reasons)
                 raise ModelLoadError(f"model '{name}' failed to load, previous versions keep serving: {reasons}")
             self.models[name] = entry
@@ -272,6 +283,8 @@ class ModelManager:
             log.error("%s", exc.message)
             return ModelEntry(name, {}, reason=exc.message)
         available = await asyncio.to_thread(_version_folders, model_dir)
+        if config.backend == "pipeline" and not available:
+            available = [1]  # a pipeline has no files: its version folder is optional
         selected = config.version_policy.select(available)
         if not selected:
             reason = f"no version folder matches the version policy (found {available or 'none'})"
@@ -282,18 +295,28 @@ class ModelManager:
 
     async def _build_version(self, name: str, version_dir: Path, version: int, config: ModelConfig) -> ModelVersion:
         mv = ModelVersion(name, version, config)
+        if config.backend == "pipeline":
+            from modelserve.server.pipeline import build_version
+
+            return await build_version(mv, self)
+        if config.backend == "python" and config.max_batch_size is None:
+            config = config.model_copy(update={"max_batch_size": 0})  # code has no shapes to say it batches
         runtimes = []
         try:
             options = _with_defaults(config.runtime, self.runtime_defaults)
             cls = runtime_class(config.backend)
+            context = _context(name, version, version_dir, config)
             for _ in range(max(1, config.instances)):
-                runtime = cls(config.model_file(version_dir), options)
+                runtime = cls(config.model_file(version_dir), options, context)
                 await asyncio.to_thread(runtime.load)
                 runtimes.append(runtime)
             inputs, outputs = runtimes[0].signature()
             batch_dynamic = all(t.dims and t.dims[0] == -1 for t in inputs + outputs)
             mv.config = config.complete(inputs, outputs, batch_dynamic)
-            if self.warmup:
+            mv.stage = stage_for(mv.config, runtimes)
+            if mv.stage is not None:
+                mv.config = client_config(mv.config, mv.stage)
+            if self.warmup and config.backend != "python":  # user code may count or log calls
                 await asyncio.to_thread(_warm_up, f"{name}:{version}", runtimes, inputs)
         except ModelServeError as exc:
             mv.state, mv.reason = UNAVAILABLE, exc.message
@@ -311,6 +334,13 @@ class ModelManager:
         )
         mv.state = READY
         return mv
+
+    async def wait_loaded(self, name: str) -> None:
+        """Return once a load of ``name`` now in progress has finished (a pipeline waits for its steps)."""
+        lock = self._locks.get(name)
+        if lock is not None and lock.locked():
+            async with lock:
+                pass
 
     # -- poll mode ---------------------------------------------------------------------------
 
@@ -343,6 +373,16 @@ class ModelManager:
             raise Unsupported(f"{action} needs --model-control-mode explicit or poll (this server runs 'none')")
 
 
+def _context(name: str, version: int, version_dir: Path, config: ModelConfig) -> RuntimeContext:
+    batch = [-1] if config.max_batch_size else []
+    return RuntimeContext(
+        name, version, version_dir.parent, version_dir, dict(config.parameters),
+        [TensorSpec(t.name, t.datatype, batch + t.dims) for t in config.inputs],
+        [TensorSpec(t.name, t.datatype, batch + t.dims) for t in config.outputs],
+        config.max_batch_size or 0, config.python_class,
+    )
+
+
 def _with_defaults(options: RuntimeOptions, defaults: RuntimeOptions) -> RuntimeOptions:
     set_fields = options.model_fields_set
     return options.model_copy(update={k: getattr(defaults, k) for k in defaults.model_fields_set if k not in set_fields})
@@ -370,7 +410,7 @@ def _fingerprint(model_dir: Path) -> tuple:
     """What poll mode compares: config files and every file of every version folder (name, size, mtime)."""
     items = []
     for entry in sorted(os.scandir(model_dir), key=lambda e: e.name):
-        if entry.is_file() and entry.name in CONFIG_FILES:
+        if entry.is_file() and (entry.name in CONFIG_FILES or entry.name.endswith(".py")):  # model.py shared by versions
             st = entry.stat()
             items.append((entry.name, st.st_size, st.st_mtime_ns))
         elif entry.is_dir() and entry.name.isdigit():

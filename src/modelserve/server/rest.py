@@ -127,24 +127,28 @@ def create_app(dataplane: Dataplane, max_request_bytes: int, registry: Registry 
 
     @app.post("/v2/repository/index")
     async def repository_index(request: Request):
-        doc = _json_object(await read_body(request.headers, request.stream(), max_request_bytes), allow_empty=True)
+        doc = json_object(await read_body(request.headers, request.stream(), max_request_bytes), allow_empty=True)
         return json_response(dataplane.repository_index(bool(doc.get("ready", False))))
 
     @app.post("/v2/repository/models/{model}/load")
     async def load(request: Request, model: str):
-        doc = _json_object(await read_body(request.headers, request.stream(), max_request_bytes), allow_empty=True)
+        doc = json_object(await read_body(request.headers, request.stream(), max_request_bytes), allow_empty=True)
         await dataplane.load(model, doc.get("parameters") or {})
         return json_response({"name": model, "load": True})
 
     @app.post("/v2/repository/models/{model}/unload")
     async def unload(request: Request, model: str):
-        _json_object(await read_body(request.headers, request.stream(), max_request_bytes), allow_empty=True)
+        json_object(await read_body(request.headers, request.stream(), max_request_bytes), allow_empty=True)
         await dataplane.unload(model)
         return json_response({"name": model, "unload": True})
 
     @app.api_route("/v2/repository/{repository}/models/{model}/{action}", methods=["POST"], include_in_schema=False)
     async def named_repository(repository: str, model: str, action: str):
         raise Unsupported("named repositories are not supported; use /v2/repository/models/...")
+
+    from modelserve.server.v1_rest import v1_router  # here: v1_rest imports this module's helpers
+
+    app.include_router(v1_router(dataplane, max_request_bytes))  # TF Serving REST + KServe V1 under /v1
 
     if registry is not None:
         from modelserve.server.registry_api import registry_router
@@ -250,7 +254,7 @@ def compress(accepted: str, content: bytes, headers: dict) -> tuple[bytes, dict]
     return content, headers
 
 
-def _json_object(raw: bytes | memoryview, allow_empty: bool = False) -> dict:
+def json_object(raw: bytes | memoryview, allow_empty: bool = False) -> dict:
     if allow_empty and not len(raw):
         return {}
     try:
@@ -279,7 +283,7 @@ def parse_infer(body: bytes, header_length: str | None, model: str, version: str
             raise InvalidInput(f"Inference-Header-Content-Length {size} exceeds the body's {len(body)} bytes")
         view = memoryview(body)
         json_part, binary = view[:size], view[size:]
-    doc = _json_object(json_part)
+    doc = json_object(json_part)
     raw_inputs = doc.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise InvalidInput("request needs a non-empty 'inputs' array")
@@ -369,6 +373,8 @@ def encode_infer(response: InferResponse, binary_of: dict) -> tuple[bytes, dict]
     doc: dict = {"model_name": response.model, "model_version": response.version, "outputs": outputs}
     if response.id is not None:
         doc["id"] = response.id
+    if response.parameters:
+        doc["parameters"] = response.parameters
     header = orjson.dumps(doc, option=_JSON_NUMPY)
     if not any(len(c) for c in chunks):
         return header, {"Content-Type": "application/json"}
