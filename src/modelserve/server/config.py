@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from modelserve.datatypes import CONFIG_OF, parse_datatype
 from modelserve.errors import InvalidInput, ModelLoadError
 from modelserve.runtime import RuntimeOptions, TensorSpec
+from modelserve.vision.config import ImagePreprocess, Postprocess
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,10 @@ class ModelConfig(_Strict):
     python_class: str = Field(default="", alias="class")
     #: backend pipeline: the steps, in order
     steps: list[PipelineStep] = []
+    #: images in: each request's encoded images decoded, resized and normalized before batching
+    preprocess: ImagePreprocess | None = None
+    #: answers out: top-k labels, boxes after NMS, or masks (see modelserve.vision.Postprocess)
+    postprocess: Postprocess | None = None
 
     @property
     def batching(self) -> bool:

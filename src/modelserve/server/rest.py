@@ -149,6 +149,9 @@ def create_app(dataplane: Dataplane, max_request_bytes: int, registry: Registry 
     from modelserve.server.v1_rest import v1_router  # here: v1_rest imports this module's helpers
 
     app.include_router(v1_router(dataplane, max_request_bytes))  # TF Serving REST + KServe V1 under /v1
+    from modelserve.server.image_rest import image_router
+
+    app.include_router(image_router(dataplane, max_request_bytes))  # images in, labels/boxes/masks out
 
     if registry is not None:
         from modelserve.server.registry_api import registry_router

@@ -21,6 +21,7 @@ import logging
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -74,6 +75,11 @@ class HookStage(RequestStage):
 def stage_for(config: ModelConfig, runtimes: list[Runtime]) -> RequestStage | None:
     """The stage a new model version carries, if any. Config-driven stages (vision pre/post
     processing) plug in here."""
+    if config.preprocess is not None or config.postprocess is not None:
+        from modelserve.server.vision_stage import VisionStage
+
+        version_dir = Path(runtimes[0].model_file).parent  # labels files live beside the model or above it
+        return VisionStage(config, [version_dir, version_dir.parent])
     pre, post = runtimes[0].request_hooks()
     if pre is None and post is None:
         return None
