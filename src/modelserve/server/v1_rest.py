@@ -152,8 +152,10 @@ async def _predict(dataplane: Dataplane, doc: dict, model: str, version: str | N
     # JSON carries no dtypes: read it against the signature of the version the dataplane's own routing
     # picks (the same one for a sticky split). Not pinned to it: infer() routes again, so a hot swap while
     # the request waits still moves it on to the successor version.
-    specs = dataplane.route(request).config.inputs
-    request.inputs = _from_rows(doc["instances"], specs) if rows else _from_columns(doc["inputs"], specs)
+    config = dataplane.route(request).config
+    specs = config.inputs
+    request.inputs = _from_rows(doc["instances"], specs, bool(config.max_batch_size)) if rows \
+        else _from_columns(doc["inputs"], specs)
     response = await dataplane.infer(request)
 
     nonfinite = False
@@ -191,7 +193,7 @@ def _check_names(names, specs: list[TensorConfig]) -> None:
             raise InvalidInput(f"unknown input '{name}'; the model's inputs are {known}")
 
 
-def _from_rows(instances, specs: list[TensorConfig]) -> dict[str, np.ndarray]:
+def _from_rows(instances, specs: list[TensorConfig], batching: bool = True) -> dict[str, np.ndarray]:
     """Row format: one element per batch row, stacked along a new first axis (shape [len] + row shape)."""
     if not isinstance(instances, list) or not instances:
         raise InvalidInput("'instances' must be a non-empty JSON array, one element per batch row")
@@ -200,7 +202,7 @@ def _from_rows(instances, specs: list[TensorConfig]) -> dict[str, np.ndarray]:
         if len(specs) != 1:
             raise InvalidInput(f"the model has {len(specs)} inputs {[s.name for s in specs]}: each instance must be "
                                "an object keyed by input name")
-        return {specs[0].name: _tensor(instances, specs[0])}
+        return {specs[0].name: _row_tensor(instances, specs[0], batching)}
     if not all(named):
         raise InvalidInput("instances mix objects keyed by input name with bare values; use one form for every row")
     keys = set(instances[0])
@@ -209,7 +211,14 @@ def _from_rows(instances, specs: list[TensorConfig]) -> dict[str, np.ndarray]:
             raise InvalidInput(f"instance {i} names inputs {sorted(row)}, instance 0 names {sorted(keys)}: "
                                "every instance must name the same inputs")
     _check_names(keys, specs)
-    return {s.name: _tensor([row[s.name] for row in instances], s) for s in specs if s.name in keys}
+    return {s.name: _row_tensor([row[s.name] for row in instances], s, batching) for s in specs if s.name in keys}
+
+
+def _row_tensor(rows: list, spec: TensorConfig, batching: bool) -> np.ndarray:
+    """Rows stacked; a bare value per row (TF Serving's ``{"b64": image}`` instance) fills a batched input of
+    one element per row (dims [1], e.g. a vision model's ``image``) as shape [N, 1]."""
+    array = _tensor(rows, spec)
+    return array[:, None] if batching and array.ndim == 1 and spec.dims == [1] else array
 
 
 def _from_columns(inputs, specs: list[TensorConfig]) -> dict[str, np.ndarray]:
