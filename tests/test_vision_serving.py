@@ -164,7 +164,8 @@ def repo(tmp_path_factory):
 
     repo = tmp_path_factory.mktemp("vision-repo")
     build_demo_repository(repo)
-    folder = repo / "digits-image"
+    folder = repo / "digits-image"  # the demo writes one too: this test's own config replaces it
+    shutil.rmtree(folder, ignore_errors=True)
     (folder / "1").mkdir(parents=True)
     shutil.copy(repo / "digits" / "1" / "model.onnx", folder / "1" / "model.onnx")
     (folder / "labels.txt").write_text("\n".join(LABELS) + "\n")

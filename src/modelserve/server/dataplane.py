@@ -38,6 +38,10 @@ class InferRequest:
     #: function returning gRPC metadata ``(str, str)`` pairs (building them costs microseconds); read only
     #: when the model has a sticky canary split
     headers: Sequence[tuple] | Callable[[], Sequence[tuple]] | None = None
+    #: which adapter carried it (metrics and payload-log label): v2-rest, v2-grpc, v1-rest, image-rest, pipeline
+    protocol: str = "v2-rest"
+    #: the peer, as the transport names it ("127.0.0.1:50312", gRPC's "ipv4:..."); None when unknown
+    client: str | None = None
 
 
 @dataclass(slots=True)

@@ -172,7 +172,7 @@ def decode_request(request: pb.ModelInferRequest, context: grpc.aio.ServicerCont
     params = {k: _param_value(v) for k, v in request.parameters.items()}
     headers = context.invocation_metadata if context is not None else None  # called only for a sticky split
     return InferRequest(request.model_name, request.model_version or None, inputs, outputs, request.id, params,
-                        headers)
+                        headers, "v2-grpc", context.peer() if context is not None else None)
 
 
 def _from_contents(tensor, shape: list[int]) -> np.ndarray:

@@ -18,7 +18,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from modelserve.errors import InvalidInput
 from modelserve.server.dataplane import Dataplane, InferRequest
-from modelserve.server.rest import json_response, read_body
+from modelserve.server.rest import peer, json_response, read_body
 from modelserve.vision import mask_to_png
 
 MAX_FILES = 64
@@ -34,20 +34,12 @@ def image_router(dataplane: Dataplane, max_request_bytes: int) -> APIRouter:
     router = APIRouter(tags=["images"])
 
     async def predict(request: Request, model: str, version: str | None):
-        mv = dataplane.manager.get(model, version)  # 404/503 before reading an upload
-        pre = mv.config.preprocess
-        if pre is None:
-            raise InvalidInput(f"model '{model}' declares no image preprocessing (preprocess: in its config); "
-                               "send tensors to /v2/models/{model}/infer instead")
+        image_input(dataplane, model, version)  # 404/503 (or 400: no preprocess) before reading an upload
         body = await read_body(request.headers, request.stream(), max_request_bytes)
         images = await _images(request, body)
-        requests = [InferRequest(model, version, {pre.input: np.array([[image]], dtype=object)},
-                                 headers=request.scope["headers"]) for image in images]
-        responses = []
-        for start in range(0, len(requests), MAX_FILES):
-            responses += await asyncio.gather(*(dataplane.infer(r) for r in requests[start:start + MAX_FILES]))
-        return json_response({"model_name": model, "model_version": responses[0].version if responses else None,
-                              "predictions": [_answer(r.outputs) for r in responses]})
+        return json_response(await predict_images(
+            dataplane, model, version, images,
+            headers=request.scope["headers"], protocol="image-rest", client=peer(request.scope)))
 
     @router.post("/models/{model}/predict", summary="Predict from image files (raw body or multipart)",
                  openapi_extra=_BODY)
@@ -60,6 +52,32 @@ def image_router(dataplane: Dataplane, max_request_bytes: int) -> APIRouter:
         return await predict(request, model, str(version))
 
     return router
+
+
+def image_input(dataplane: Dataplane, model: str, version: str | None) -> str:
+    """The BYTES input ``model`` takes encoded images in; raises when the model is unknown, not ready,
+    or declares no image preprocessing."""
+    pre = dataplane.manager.get(model, version).config.preprocess
+    if pre is None:
+        raise InvalidInput(f"model '{model}' declares no image preprocessing (preprocess: in its config); "
+                           f"send tensors to /v2/models/{model}/infer instead")
+    return pre.input
+
+
+async def predict_images(dataplane: Dataplane, model: str, version: str | None, images: list[bytes],
+                         **request_fields) -> dict:
+    """Encoded images through ``model``, one V2 request each (run concurrently, so the batcher merges
+    them) -> the route's JSON answer ``{"model_name", "model_version", "predictions": [one per image]}``.
+    ``request_fields``: more ``InferRequest`` fields (headers, ...). Shared by the route and in-process
+    callers (``modelserve predict --repository``)."""
+    name = image_input(dataplane, model, version)
+    requests = [InferRequest(model, version, {name: np.array([[image]], dtype=object)}, **request_fields)
+                for image in images]
+    responses = []
+    for start in range(0, len(requests), MAX_FILES):
+        responses += await asyncio.gather(*(dataplane.infer(r) for r in requests[start:start + MAX_FILES]))
+    return {"model_name": model, "model_version": responses[0].version if responses else None,
+            "predictions": [_answer(r.outputs) for r in responses]}
 
 
 async def _images(request: Request, body: bytes) -> list[bytes]:

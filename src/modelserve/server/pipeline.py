@@ -131,7 +131,7 @@ class Pipeline:
             started = time.perf_counter_ns()
             try:
                 response = await dataplane.infer(
-                    InferRequest(step.model, self._versions[i], feed, self._wanted[i], request_id))
+                    InferRequest(step.model, self._versions[i], feed, self._wanted[i], request_id, protocol="pipeline"))
             except ModelServeError as exc:
                 exc.message = f"pipeline '{self.name}' step {i + 1} (model '{step.model}'): {exc.message}"
                 exc.args = (exc.message,)

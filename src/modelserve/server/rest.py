@@ -192,6 +192,7 @@ class InferRoute:
             body = await read_body(headers, _chunks(receive), self.limit)
             request, binary_outputs = parse_infer(body, headers.get(HEADER_LENGTH), model, version)
             request.headers = scope["headers"]  # for a sticky canary split; parsed only then
+            request.client = peer(scope)
             response = await self.dataplane.infer(request)
             content, out = compress(headers.get("accept-encoding", ""), *encode_infer(response, binary_outputs))
             status = 200
@@ -385,3 +386,8 @@ def encode_infer(response: InferResponse, binary_of: dict) -> tuple[bytes, dict]
         "Content-Type": "application/octet-stream",
         "Inference-Header-Content-Length": str(len(header)),
     }
+
+
+def peer(scope) -> str | None:
+    client = scope.get("client")
+    return f"{client[0]}:{client[1]}" if client else None

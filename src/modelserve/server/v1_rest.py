@@ -24,7 +24,7 @@ from modelserve.errors import InvalidInput, ModelNotFound, Unsupported
 from modelserve.server.config import TensorConfig
 from modelserve.server.dataplane import Dataplane, InferRequest
 from modelserve.server.models import LOADING, READY, UNAVAILABLE, UNLOADING, ModelManager
-from modelserve.server.rest import json_object, json_response, read_body
+from modelserve.server.rest import peer, json_object, json_response, read_body
 
 DEFAULT_SIGNATURE = "serving_default"
 #: V2 datatype -> TF DataType name (PROTOCOLS.md §1)
@@ -71,7 +71,7 @@ def v1_router(dataplane: Dataplane, max_request_bytes: int) -> APIRouter:
             raise Unsupported(f"{op[1:]} is not supported: model '{model}' has no tensorflow/serving/{op[1:]} "
                               f"signature (only '{DEFAULT_SIGNATURE}', a predict signature); use :predict")
         doc = json_object(await read_body(request.headers, request.stream(), max_request_bytes))
-        return await _predict(dataplane, doc, model, version, request.scope["headers"])
+        return await _predict(dataplane, doc, model, version, request.scope)
 
     return router
 
@@ -138,7 +138,7 @@ def _metadata(dataplane: Dataplane, model: str, version: str | None) -> dict:
             "metadata": {"signature_def": {"signature_def": {DEFAULT_SIGNATURE: signature}}}}
 
 
-async def _predict(dataplane: Dataplane, doc: dict, model: str, version: str | None, headers) -> Response:
+async def _predict(dataplane: Dataplane, doc: dict, model: str, version: str | None, scope) -> Response:
     signature = doc.get("signature_name")
     if signature not in (None, "", DEFAULT_SIGNATURE):
         raise InvalidInput(f'Serving signature name: "{signature}" not found in signature def '
@@ -148,7 +148,7 @@ async def _predict(dataplane: Dataplane, doc: dict, model: str, version: str | N
         raise InvalidInput("Expecting only one of 'inputs' or 'instances' keys in the request body, not both")
     if not rows and "inputs" not in doc:
         raise InvalidInput("Missing 'inputs' or 'instances' key")
-    request = InferRequest(model, version, {}, headers=headers)
+    request = InferRequest(model, version, {}, headers=scope["headers"], protocol="v1-rest", client=peer(scope))
     # JSON carries no dtypes: read it against the signature of the version the dataplane's own routing
     # picks (the same one for a sticky split). Not pinned to it: infer() routes again, so a hot swap while
     # the request waits still moves it on to the successor version.
