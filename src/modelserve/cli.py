@@ -17,6 +17,8 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Address to listen on"),
     http_port: int = typer.Option(8000, help="HTTP port (0 = pick a free one)"),
     grpc_port: int = typer.Option(8001, help="gRPC port (0 = pick a free one, -1 = no gRPC)"),
+    metrics_port: int = typer.Option(-1, help="A port of its own for GET /metrics, which the HTTP port serves "
+                                              "too (0 = pick a free one, -1 = none)"),
     model_control_mode: str = typer.Option("none", help="none: load all at start; explicit: load/unload API only; "
                                                         "poll: also watch the repository"),
     load_model: Optional[list[str]] = typer.Option(None, help="Model to load at start in explicit mode (repeatable)"),
@@ -34,6 +36,12 @@ def serve(
     registry_cache: Optional[Path] = typer.Option(None, envvar="MODELSERVE_REGISTRY_CACHE",
                                                   help="With --registry: folder for fetched artifacts "
                                                        "(default: one per registry under ~/.cache/modelserve)"),
+    payload_log: bool = typer.Option(True, "--payload-log/--no-payload-log", envvar="MODELSERVE_PAYLOAD_LOG",
+                                     help="Log every request and response to the monitor database"),
+    monitor_db: Optional[str] = typer.Option(None, help="Payload log / feedback database URL (default: the "
+                                                        "--registry one, else sqlite:///modelserve-monitor/monitor.db)"),
+    monitor_spill: Optional[Path] = typer.Option(None, help="File where log records wait while that database is "
+                                                            "down (default modelserve-monitor/spill.jsonl)"),
 ):
     """Serve a model repository, or a registry alias, over KServe V2 REST and gRPC (Triton clients work unchanged).
 
@@ -50,11 +58,12 @@ def serve(
         raise typer.BadParameter("must be none, explicit or poll", param_hint="--model-control-mode")
     run(ServerSettings(
         model_repository=model_repository, host=host, http_port=http_port, grpc_port=grpc_port,
-        model_control_mode=model_control_mode, load_models=load_model or [], poll_interval_s=poll_interval,
+        metrics_port=metrics_port, model_control_mode=model_control_mode, load_models=load_model or [], poll_interval_s=poll_interval,
         max_request_bytes=max_request_bytes, ort_threads=ort_threads, log_level=log_level,
-        alias=alias, registry_poll_s=registry_poll,
+        alias=alias, registry_poll_s=registry_poll, payload_log=payload_log,
         **{k: v for k, v in (("registry", registry), ("registry_artifacts", artifacts),
-                             ("registry_cache", registry_cache)) if v is not None},
+                             ("registry_cache", registry_cache), ("monitor_db", monitor_db),
+                             ("monitor_spill", monitor_spill)) if v is not None},
     ))
 
 
@@ -73,7 +82,7 @@ def demo(
 
     path = build_demo_repository(model_repository, force)
     typer.echo(f"demo model at {path}\n")
-    typer.echo(usage(http_port, grpc_port))
+    typer.echo(usage(http_port, grpc_port, model_repository))
 
 
 def _floats(text: Optional[str]) -> Optional[list[float]]:
@@ -231,3 +240,12 @@ def evaluate(
 from modelserve.cli_models import models_app  # noqa: E402 - the registry commands (imports stay lazy inside)
 
 app.add_typer(models_app, name="models")
+
+from modelserve.cli_vision import init_app, predict  # noqa: E402 - images to vision models, new model folders
+
+app.command()(predict)
+app.add_typer(init_app, name="init")
+
+from modelserve.cli_monitor import register as register_monitor  # noqa: E402 - logs, stats, feedback
+
+register_monitor(app)

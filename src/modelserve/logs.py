@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import io
 import json
 import logging
 import sys
 import time
 import warnings
+
+#: the request being served in this task (set by the dataplane, cheap): JSON log lines carry it
+REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("modelserve_request_id", default=None)
 
 
 class JsonFormatter(logging.Formatter):
@@ -19,6 +23,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        request_id = REQUEST_ID.get()
+        if request_id is not None:
+            doc["request_id"] = request_id
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
         return json.dumps(doc)

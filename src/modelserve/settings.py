@@ -10,6 +10,10 @@ from typing import Literal
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+DEFAULT_MONITOR_DIR = Path("modelserve-monitor")
+DEFAULT_MONITOR_DB = f"sqlite:///{DEFAULT_MONITOR_DIR}/monitor.db"
+
+
 class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MODELSERVE_", extra="forbid")
 
@@ -19,6 +23,8 @@ class ServerSettings(BaseSettings):
     http_port: int = 8000
     #: 0 picks a free port, -1 turns gRPC off
     grpc_port: int = 8001
+    #: a port of its own for ``GET /metrics`` (it is on the HTTP port either way): 0 picks a free one, -1 = none
+    metrics_port: int = -1
     model_control_mode: Literal["none", "explicit", "poll"] = "none"
     #: models loaded at start in explicit mode
     load_models: list[str] = []
@@ -43,6 +49,19 @@ class ServerSettings(BaseSettings):
     #: where fetched artifacts are kept (<cache>/<model>/<version>/<file>); default: one folder per registry
     #: under ``$XDG_CACHE_HOME/modelserve`` (``~/.cache/modelserve``)
     registry_cache: Path | None = None
+    #: the payload log (every request and response, to a database) on or off for every model
+    payload_log: bool = True
+    #: payload log / feedback database URL; default: the registry's with ``registry``, else ``DEFAULT_MONITOR_DB``
+    monitor_db: str | None = None
+    #: where log records wait while that database is down or slow (JSON lines, replayed when it is back)
+    monitor_spill: Path = DEFAULT_MONITOR_DIR / "spill.jsonl"
+    #: how many feedback rows per model version the quality metrics look back over
+    quality_window: int = 1000
+
+    def monitor_url(self) -> str:
+        if self.monitor_db:
+            return self.monitor_db
+        return self.registry_settings().url if self.registry else DEFAULT_MONITOR_DB
 
     def registry_settings(self) -> RegistrySettings:
         """The registry to follow: ``registry`` and ``registry_artifacts`` over ``MODELSERVE_REGISTRY_*``."""

@@ -5,6 +5,9 @@ line a script can parse::
 
     modelserve ready http=127.0.0.1:8000 grpc=127.0.0.1:8001
 
+(with ``--metrics-port``, `` metrics=127.0.0.1:9090`` follows). ``GET /metrics`` (Prometheus) is on the
+HTTP port either way.
+
 SIGTERM / SIGINT: readiness turns false, both listeners stop taking new requests, in-flight
 requests finish (up to ``drain_timeout_s``), the models drain and unload, the process exits 0.
 
@@ -23,6 +26,7 @@ import sys
 
 import uvicorn
 
+from modelserve.monitor.metrics import Metrics
 from modelserve.runtime import RuntimeOptions
 from modelserve.server.dataplane import Dataplane
 from modelserve.server.grpc_service import NOT_SERVING, SERVING, create_server
@@ -72,6 +76,21 @@ def _follow_registry(settings: ServerSettings, runtime_defaults: RuntimeOptions)
     return registry, manager, follower
 
 
+def _payload_log(settings: ServerSettings):
+    """The payload log (writer threads started, spill file of an earlier run replayed), or None when off."""
+    if not settings.payload_log:
+        return None
+    from modelserve.monitor.payload_log import PayloadLog
+    from modelserve.monitor.quality import QualityTracker
+    from modelserve.registry.db import safe_url
+
+    payload_log = PayloadLog(settings.monitor_url(), settings.monitor_spill,
+                             quality=QualityTracker(settings.quality_window))
+    payload_log.start()
+    log.info("payload log to %s (spill file %s)", safe_url(payload_log.url), payload_log.spill.path)
+    return payload_log
+
+
 async def serve(settings: ServerSettings) -> None:
     runtime_defaults = RuntimeOptions(intra_op_threads=settings.ort_threads) if settings.ort_threads else RuntimeOptions()
     registry = follower = None
@@ -81,7 +100,15 @@ async def serve(settings: ServerSettings) -> None:
         manager = ModelManager(settings.model_repository, settings.model_control_mode, settings.poll_interval_s,
                                runtime_defaults)
     dataplane = Dataplane(manager)
-    app = create_app(dataplane, settings.max_request_bytes, registry, follower)
+    dataplane.payload_log = _payload_log(settings)
+    metrics = Metrics(manager)
+    if dataplane.payload_log is not None:
+        from modelserve.monitor.drift import DriftCollector
+        from modelserve.monitor.quality import QualityCollector
+
+        metrics.collectors.append(QualityCollector(dataplane.payload_log.quality))
+        metrics.collectors.append(DriftCollector(dataplane.payload_log.drift.attach(manager.repository)))
+    app = create_app(dataplane, settings.max_request_bytes, registry, follower, metrics)
 
     sock = _bind(settings.host, settings.http_port)
     http_port = sock.getsockname()[1]
@@ -90,6 +117,14 @@ async def serve(settings: ServerSettings) -> None:
         timeout_graceful_shutdown=int(settings.drain_timeout_s), timeout_keep_alive=30,
         h11_max_incomplete_event_size=None,
     ))
+    metrics.count_connections(http)
+    metrics_http, metrics_task, metrics_part = None, None, ""
+    if settings.metrics_port >= 0:  # its own uvicorn on this loop: the same snapshot-then-render path as /metrics
+        metrics_sock = _bind(settings.host, settings.metrics_port)
+        metrics_part = f" metrics={_address(settings.host, metrics_sock.getsockname()[1])}"
+        metrics_http = _Uvicorn(uvicorn.Config(metrics.asgi, interface="asgi3", http="httptools", lifespan="off",
+                                               access_log=False, log_level="warning", timeout_graceful_shutdown=5))
+        metrics_task = asyncio.create_task(metrics_http.serve(sockets=[metrics_sock]), name="metrics-http")
     grpc_server = health = None
     grpc_port = -1
     if settings.grpc_port >= 0:
@@ -112,11 +147,16 @@ async def serve(settings: ServerSettings) -> None:
             await http_task
             raise OSError("the HTTP server stopped during start-up")
         await asyncio.sleep(0.01)
+    while metrics_http and not metrics_http.started:
+        if metrics_task.done():
+            await metrics_task
+            raise OSError("the metrics server stopped during start-up")
+        await asyncio.sleep(0.01)
     dataplane.ready = True
     if health:
         await health.set("", SERVING)
     grpc_part = f" grpc={_address(settings.host, grpc_port)}" if grpc_server else ""
-    print(f"modelserve ready http={_address(settings.host, http_port)}{grpc_part}", flush=True)
+    print(f"modelserve ready http={_address(settings.host, http_port)}{grpc_part}{metrics_part}", flush=True)
 
     stopped = asyncio.create_task(stop.wait())
     await asyncio.wait([stopped, http_task], return_when=asyncio.FIRST_COMPLETED)
@@ -130,6 +170,11 @@ async def serve(settings: ServerSettings) -> None:
     if grpc_server:
         await grpc_server.stop(grace=settings.drain_timeout_s)
     await http_task
+    if metrics_http:  # scraped until the requests have drained
+        metrics_http.should_exit = True
+        await metrics_task
+    if dataplane.payload_log is not None:  # every request has answered: store what the log holds
+        await asyncio.to_thread(dataplane.payload_log.close, settings.drain_timeout_s)
     await manager.close()
     if registry:
         await asyncio.to_thread(registry.close)

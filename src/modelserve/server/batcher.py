@@ -180,7 +180,7 @@ class DynamicBatcher:
 
     async def _run(self, batch: list[_Pending], runtime: Runtime, thread: "InstanceThread") -> None:
         started = time.perf_counter_ns()
-        queue_ns = sum(started - p.enqueued_ns for p in batch)
+        waits = [started - p.enqueued_ns for p in batch]
         first = batch[0]
         try:
             if len(batch) == 1:
@@ -192,8 +192,8 @@ class DynamicBatcher:
             t_infer = time.perf_counter_ns()
             self._deliver(batch, results)
             done = time.perf_counter_ns()
-            self.stats.batch_done(len(batch), sum(p.rows for p in batch), queue_ns,
-                                  t_in - started, t_infer - t_in, done - t_infer)
+            self.stats.batch_done(len(batch), sum(p.rows for p in batch), sum(waits),
+                                  t_in - started, t_infer - t_in, done - t_infer, waits)
         except Exception as exc:  # noqa: BLE001 - every failure must reach its request
             if len(batch) > 1:
                 # one bad request must not fail its neighbours: run them one by one

@@ -87,6 +87,61 @@ class VersionPolicy(_Strict):
         return ordered[-self.latest:] if self.latest else []
 
 
+class DriftConfig(_Strict):
+    """Input drift of this model's logged requests against a reference (``monitoring: {drift: ...}``;
+    see ``modelserve.monitor.drift``). Drift sees only what the payload log keeps: off with
+    ``payload_log: false``, sampled with ``sample_rate``."""
+
+    enabled: bool = True
+    #: a .npy (one input) or .npz (keys = input names) of evaluation inputs, rows first, in the version
+    #: or model folder; None = the first ``reference_size`` logged rows are the reference
+    reference: str | None = None
+    #: reference rows kept (a bigger file is subsampled to this)
+    reference_size: int = Field(default=1000, ge=10, le=100_000)
+    #: the sliding window of recent rows compared with the reference
+    window: int = Field(default=1000, ge=10, le=100_000)
+    #: PSI bins, cut at the reference's quantiles
+    bins: int = Field(default=10, ge=2, le=100)
+    #: alert when the version's score (largest feature PSI) is above this
+    threshold: float = Field(default=0.2, gt=0.0)
+    #: no score before the window holds this many rows
+    min_samples: int = Field(default=100, ge=1)
+
+    @field_validator("reference")
+    @classmethod
+    def _reference(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if not value.endswith((".npy", ".npz")):
+            raise ValueError(f"drift reference must be a .npy or .npz file, got '{value}'")
+        if Path(value).is_absolute() or ".." in Path(value).parts:
+            raise ValueError(f"drift reference '{value}' must be a path inside the model folder")
+        return value
+
+    @model_validator(mode="after")
+    def _fits(self) -> "DriftConfig":
+        if self.min_samples > self.window:
+            raise ValueError(f"drift min_samples ({self.min_samples}) is more than the window ({self.window})")
+        return self
+
+
+class Monitoring(_Strict):
+    """What the payload log keeps of this model's requests (``monitoring:`` in config.yaml).
+
+    Failed requests are always logged while ``payload_log`` is on: they are rare and are what one
+    debugs; ``sample_rate`` thins out the successful ones only."""
+
+    payload_log: bool = True
+    #: share of successful requests logged, 0..1 (the decision is one random() on the request path)
+    sample_rate: float = Field(default=1.0, ge=0.0, le=1.0)
+    #: tensors with more elements than this are logged as a summary (shape, dtype, mean, std, min, max, sha256)
+    max_values: int = Field(default=256, ge=0)
+    #: how feedback is scored: classification (argmax / label output), regression, or auto (from the outputs)
+    task: str = Field(default="auto", pattern="^(auto|classification|regression)$")
+    #: input drift against a reference (see ``DriftConfig``)
+    drift: DriftConfig = DriftConfig()
+
+
 class PipelineStep(_Strict):
     """One step of a ``backend: pipeline`` model (Triton's ensemble step, same meaning and aliases):
     run ``model`` on pipeline tensors, ``inputs`` = {step input: pipeline tensor},
@@ -126,6 +181,8 @@ class ModelConfig(_Strict):
     preprocess: ImagePreprocess | None = None
     #: answers out: top-k labels, boxes after NMS, or masks (see modelserve.vision.Postprocess)
     postprocess: Postprocess | None = None
+    #: payload log and feedback settings (see ``Monitoring``)
+    monitoring: Monitoring = Monitoring()
 
     @property
     def batching(self) -> bool:

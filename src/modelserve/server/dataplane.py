@@ -8,6 +8,7 @@ statistics answers are built here as plain dicts in the V2 vocabulary.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -16,9 +17,11 @@ import numpy as np
 import modelserve
 from modelserve.datatypes import v2_name
 from modelserve.errors import InvalidInput, ModelNotReady, ModelNotFound
+from modelserve.logs import REQUEST_ID
 from modelserve.server.config import ModelConfig, parse_override
 from modelserve.server.models import ModelManager, ModelVersion
 from modelserve.server.stages import infer_staged
+from modelserve.server.stats import status_of
 
 EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "statistics"]
 #: request parameters clients send that need no action from us
@@ -42,6 +45,9 @@ class InferRequest:
     protocol: str = "v2-rest"
     #: the peer, as the transport names it ("127.0.0.1:50312", gRPC's "ipv4:..."); None when unknown
     client: str | None = None
+    #: the id the payload log, feedback and log lines use: the adapter's (an ``x-request-id`` header),
+    #: else ``id``, else one the dataplane makes (uuid4 hex); adapters return it to the client
+    request_id: str | None = None
 
 
 @dataclass(slots=True)
@@ -57,6 +63,8 @@ class Dataplane:
     def __init__(self, manager: ModelManager):
         self.manager = manager
         self.ready = False  # true once start-up loading is done, false again while draining
+        #: ``modelserve.monitor.payload_log.PayloadLog`` when the payload log is on (set by the server)
+        self.payload_log = None
 
     # -- health and metadata ----------------------------------------------------------------
 
@@ -129,10 +137,46 @@ class Dataplane:
     # -- inference ----------------------------------------------------------------------------
 
     async def infer(self, request: InferRequest) -> InferResponse:
+        """``_infer`` with a request id (in the log context while it runs), and its payload-log record,
+        answered or failed. Pipeline steps are logged as their pipeline's request only."""
+        if request.request_id is None:
+            request.request_id = request.id or uuid.uuid4().hex
+        token = REQUEST_ID.set(request.request_id)
+        payload_log = self.payload_log if request.protocol != "pipeline" else None
+        started = time.perf_counter_ns()
+        try:
+            response = await self._infer(request)
+        except BaseException as exc:
+            if payload_log is not None:
+                mv = self._served(request.model, request.version)
+                payload_log.failed(request, mv.version_str if mv else request.version, mv.config if mv else None,
+                                   exc, time.perf_counter_ns() - started)
+            raise
+        finally:
+            REQUEST_ID.reset(token)
+        if payload_log is not None:
+            mv = self._served(response.model, response.version)
+            payload_log.done(request, response, mv.config if mv else None, time.perf_counter_ns() - started)
+        return response
+
+    def _served(self, model: str, version: str | None) -> ModelVersion | None:
+        """The version asked for, else the newest ready one (memory only): the payload log's settings and,
+        for a failed request, the version it names."""
+        entry = self.manager.models.get(model)
+        if entry is None:
+            return None
+        if version:
+            return entry.versions.get(int(version)) if version.isdigit() else None
+        ready = entry.ready_versions()
+        return ready[-1] if ready else None
+
+    async def _infer(self, request: InferRequest) -> InferResponse:
         for key in request.parameters:
             if key.startswith("triton_") and key not in _ACCEPTED_RESERVED:
                 raise InvalidInput(f"parameter '{key}' is reserved (keys starting 'triton_' are)")
         mv = self.route(request)
+        took = mv.stats  # in flight on the version that took it, even if its successor answers
+        took.request_started(request.protocol)
         started = time.perf_counter_ns()
         parameters = None
         try:
@@ -149,10 +193,10 @@ class Dataplane:
                 # the version was swapped out between lookup and queueing: take its successor
                 mv = self.route(request)
                 results, parameters = await self._around(mv, request, outputs, rows)
-        except BaseException:
-            mv.stats.request_done(False, time.perf_counter_ns() - started)
+        except BaseException as exc:
+            mv.stats.request_done(False, time.perf_counter_ns() - started, request.protocol, status_of(exc), took)
             raise
-        mv.stats.request_done(True, time.perf_counter_ns() - started)
+        mv.stats.request_done(True, time.perf_counter_ns() - started, request.protocol, 200, took)
         # the version that answered
         return InferResponse(request.model, mv.version_str, results, request.id, parameters or {})
 

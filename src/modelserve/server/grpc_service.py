@@ -11,6 +11,7 @@ import asyncio
 import functools
 import logging
 import math
+import uuid
 
 import grpc
 import numpy as np
@@ -105,8 +106,20 @@ class InferenceService:
 
     @_mapped
     async def ModelInfer(self, request, context):
-        _check_version(request.model_version)
-        return encode_response(await self.dataplane.infer(decode_request(request, context)))
+        try:
+            _check_version(request.model_version)
+            infer_request = decode_request(request, context)
+        except ModelServeError as exc:  # refused before the dataplane: still an id and a payload-log row
+            request_id = request.id or uuid.uuid4().hex
+            context.set_trailing_metadata((("x-request-id", request_id),))
+            if self.dataplane.payload_log is not None:
+                self.dataplane.payload_log.rejected(request.model_name, request.model_version or None, "v2-grpc",
+                                                    context.peer(), request_id, exc)
+            raise
+        try:
+            return encode_response(await self.dataplane.infer(infer_request))
+        finally:  # trailing: sent with the status, no extra message on the wire
+            context.set_trailing_metadata((("x-request-id", infer_request.request_id),))
 
     async def ModelStreamInfer(self, requests, context):
         """Requests run concurrently; each answer (or in-stream error) carries the request's id."""

@@ -10,6 +10,7 @@ batcher merges them. ``/v2/models/{m}/infer`` stays pure V2.
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import numpy as np
 from fastapi import APIRouter, Request
@@ -37,9 +38,10 @@ def image_router(dataplane: Dataplane, max_request_bytes: int) -> APIRouter:
         image_input(dataplane, model, version)  # 404/503 (or 400: no preprocess) before reading an upload
         body = await read_body(request.headers, request.stream(), max_request_bytes)
         images = await _images(request, body)
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         return json_response(await predict_images(
-            dataplane, model, version, images,
-            headers=request.scope["headers"], protocol="image-rest", client=peer(request.scope)))
+            dataplane, model, version, images, headers=request.scope["headers"], protocol="image-rest",
+            client=peer(request.scope), request_id=request_id), headers={"x-request-id": request_id})
 
     @router.post("/models/{model}/predict", summary="Predict from image files (raw body or multipart)",
                  openapi_extra=_BODY)
@@ -73,6 +75,9 @@ async def predict_images(dataplane: Dataplane, model: str, version: str | None, 
     name = image_input(dataplane, model, version)
     requests = [InferRequest(model, version, {name: np.array([[image]], dtype=object)}, **request_fields)
                 for image in images]
+    if len(requests) > 1 and request_fields.get("request_id"):  # one upload, many images: <id>-0, <id>-1, ...
+        for i, r in enumerate(requests):
+            r.request_id = f"{r.request_id}-{i}"
     responses = []
     for start in range(0, len(requests), MAX_FILES):
         responses += await asyncio.gather(*(dataplane.infer(r) for r in requests[start:start + MAX_FILES]))

@@ -17,6 +17,7 @@ import asyncio
 import logging
 import os
 import random
+import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,8 @@ class ModelVersion:
     stage: RequestStage | None = None
     #: set for ``backend: pipeline``: the dataplane runs its steps instead of a batcher
     pipeline: Pipeline | None = None
+    #: seconds its load took (runtimes, warm-up; a pipeline: waiting for its steps), once READY
+    load_seconds: float | None = None
 
     @property
     def version_str(self) -> str:
@@ -295,10 +298,14 @@ class ModelManager:
 
     async def _build_version(self, name: str, version_dir: Path, version: int, config: ModelConfig) -> ModelVersion:
         mv = ModelVersion(name, version, config)
+        started = time.perf_counter()
         if config.backend == "pipeline":
             from modelserve.server.pipeline import build_version
 
-            return await build_version(mv, self)
+            mv = await build_version(mv, self)
+            if mv.state == READY:
+                mv.load_seconds = time.perf_counter() - started
+            return mv
         if config.backend == "python" and config.max_batch_size is None:
             config = config.model_copy(update={"max_batch_size": 0})  # code has no shapes to say it batches
         runtimes = []
@@ -332,7 +339,7 @@ class ModelManager:
             max_queue_delay_us=db.max_queue_delay_microseconds if db else 0,
             max_queue_size=db.max_queue_size if db else DEFAULT_MAX_QUEUE_SIZE,
         )
-        mv.state = READY
+        mv.state, mv.load_seconds = READY, time.perf_counter() - started
         return mv
 
     async def wait_loaded(self, name: str) -> None:

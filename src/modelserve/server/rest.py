@@ -10,6 +10,7 @@ import gzip
 import json
 import logging
 import re
+import uuid
 import zlib
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from modelserve.datatypes import NUMPY_OF, from_json, from_wire, to_json, to_wire, v2_name
 from modelserve.errors import InvalidInput, ModelServeError, PayloadTooLarge, QueueFull, Unsupported
+from modelserve.monitor.metrics import Metrics
 from modelserve.server.dataplane import Dataplane, InferRequest, InferResponse
 
 if TYPE_CHECKING:
@@ -51,8 +53,10 @@ def error_response(exc: ModelServeError) -> Response:
 
 
 def create_app(dataplane: Dataplane, max_request_bytes: int, registry: Registry | None = None,
-               follower: RegistryFollower | None = None) -> "InferRoute":
-    """The HTTP app; with a ``registry`` (and the ``follower`` serving it) also the management API."""
+               follower: RegistryFollower | None = None, metrics: Metrics | None = None) -> "InferRoute":
+    """The HTTP app; with a ``registry`` (and the ``follower`` serving it) also the management API.
+    ``GET /metrics`` serves ``metrics`` (default: a ``Metrics`` of the dataplane's models)."""
+    metrics = metrics or Metrics(dataplane.manager)
     app = FastAPI(title="modelserve", version=dataplane.server_metadata()["version"],
                   description="KServe V2 / Open Inference Protocol with Triton's extensions")
 
@@ -92,6 +96,11 @@ def create_app(dataplane: Dataplane, max_request_bytes: int, registry: Registry 
     @app.get("/v2/models")
     async def list_models():
         return json_response({"models": sorted(dataplane.manager.models)})
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics(request: Request):  # copied on the loop, rendered in the metrics thread
+        body, content_type = await metrics.scrape(request.headers.get("accept"))
+        return Response(body, headers={"Content-Type": content_type})
 
     @app.get("/v2/models/stats")
     async def all_stats():
@@ -159,6 +168,12 @@ def create_app(dataplane: Dataplane, max_request_bytes: int, registry: Registry 
         app.include_router(registry_router(registry, follower.poke if follower else (lambda: None),
                                            max_request_bytes, follower.status if follower else None))
 
+    from modelserve.server.monitor_api import monitor_router
+
+    app.include_router(monitor_router(dataplane, max_request_bytes))  # feedback, quality, payload-log queries
+    from modelserve.server.dashboard import dashboard_router
+
+    app.include_router(dashboard_router(dataplane, metrics))  # the /dashboard page and its /v2/dashboard document
     return InferRoute(app, dataplane, max_request_bytes)
 
 
@@ -185,6 +200,8 @@ class InferRoute:
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         model, version = match.group(1), match.group(2)
+        request_id = headers.get("x-request-id") or None
+        request = None
         try:
             if scope["method"] != "POST":
                 raise MethodNotAllowed("Method Not Allowed")
@@ -193,18 +210,33 @@ class InferRoute:
             request, binary_outputs = parse_infer(body, headers.get(HEADER_LENGTH), model, version)
             request.headers = scope["headers"]  # for a sticky canary split; parsed only then
             request.client = peer(scope)
+            request.request_id = request_id
             response = await self.dataplane.infer(request)
+            request_id = request.request_id
             content, out = compress(headers.get("accept-encoding", ""), *encode_infer(response, binary_outputs))
             status = 200
         except ModelServeError as exc:
             status, content, out = error_parts(exc)
+            request_id = self._rejected(request, request_id, model, version, scope, exc)
         except Exception as exc:  # noqa: BLE001 - the server answers, whatever happened
             log.exception("unexpected error in infer")
             status, content, out = 500, orjson.dumps({"error": f"internal error: {exc}"}), {"Content-Type": "application/json"}
+            request_id = self._rejected(request, request_id, model, version, scope, exc)
         raw_headers = [(k.lower().encode(), v.encode()) for k, v in out.items()]
+        raw_headers.append((b"x-request-id", request_id.encode("latin-1")))
         raw_headers.append((b"content-length", str(len(content)).encode()))
         await send({"type": "http.response.start", "status": status, "headers": raw_headers})
         await send({"type": "http.response.body", "body": content})
+
+    def _rejected(self, request: InferRequest | None, request_id: str | None, model: str, version: str | None,
+                  scope, exc: Exception) -> str:
+        """A request that failed before the dataplane saw it still gets an id and a payload-log row."""
+        if request is not None and request.request_id is not None:
+            return request.request_id  # the dataplane logged it
+        request_id = request_id or uuid.uuid4().hex
+        if self.dataplane.payload_log is not None:
+            self.dataplane.payload_log.rejected(model, version, "v2-rest", peer(scope), request_id, exc)
+        return request_id
 
 
 async def _chunks(receive):

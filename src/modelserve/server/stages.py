@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,6 +30,7 @@ import numpy as np
 from modelserve.errors import ModelServeError
 from modelserve.runtime import Runtime
 from modelserve.server.config import ModelConfig, TensorConfig
+from modelserve.server.stats import POSTPROCESS, PREPROCESS
 
 if TYPE_CHECKING:
     from modelserve.server.models import ModelVersion
@@ -120,15 +122,23 @@ def _call(label: str, what: str, fn: Callable, *args):
         raise ModelServeError(f"model '{label}': {what} raised {user_error(exc)}") from None
 
 
+def _timed(label: str, what: str, fn: Callable, *args):
+    """``_call`` and how long it took, timed in the worker thread (the event loop records it)."""
+    started = time.perf_counter_ns()
+    return _call(label, what, fn, *args), time.perf_counter_ns() - started
+
+
 async def infer_staged(mv: ModelVersion, inputs: dict[str, np.ndarray], wanted: list[str] | None) -> dict[str, np.ndarray]:
     """``before`` in a thread, the batcher, ``after`` in a thread; then only the outputs asked for."""
     stage = mv.stage
     label = f"{mv.name}:{mv.version}"
     loop = asyncio.get_running_loop()
-    model_inputs, state = await loop.run_in_executor(pool(), _call, label, "preprocess", stage.before, inputs)
+    (model_inputs, state), pre_ns = await loop.run_in_executor(pool(), _timed, label, "preprocess", stage.before, inputs)
+    mv.stats.stage_done(PREPROCESS, pre_ns)
     rows = batch_rows(model_inputs, mv.config.max_batch_size, label)
     results = await mv.infer(model_inputs, None, rows)
-    outputs = await loop.run_in_executor(pool(), _call, label, "postprocess", stage.after, results, state)
+    outputs, post_ns = await loop.run_in_executor(pool(), _timed, label, "postprocess", stage.after, results, state)
+    mv.stats.stage_done(POSTPROCESS, post_ns)
     names = wanted or [t.name for t in mv.config.outputs]
     try:
         return {name: outputs[name] for name in names}

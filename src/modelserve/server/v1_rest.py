@@ -13,6 +13,7 @@ import base64
 import binascii
 import json
 import re
+import uuid
 
 import numpy as np
 import orjson
@@ -22,7 +23,7 @@ from fastapi.responses import Response
 from modelserve.datatypes import BF16, NUMPY_OF
 from modelserve.errors import InvalidInput, ModelNotFound, Unsupported
 from modelserve.server.config import TensorConfig
-from modelserve.server.dataplane import Dataplane, InferRequest
+from modelserve.server.dataplane import Dataplane, InferRequest, header_value
 from modelserve.server.models import LOADING, READY, UNAVAILABLE, UNLOADING, ModelManager
 from modelserve.server.rest import peer, json_object, json_response, read_body
 
@@ -148,7 +149,9 @@ async def _predict(dataplane: Dataplane, doc: dict, model: str, version: str | N
         raise InvalidInput("Expecting only one of 'inputs' or 'instances' keys in the request body, not both")
     if not rows and "inputs" not in doc:
         raise InvalidInput("Missing 'inputs' or 'instances' key")
-    request = InferRequest(model, version, {}, headers=scope["headers"], protocol="v1-rest", client=peer(scope))
+    request = InferRequest(model, version, {}, headers=scope["headers"], protocol="v1-rest", client=peer(scope),
+                           request_id=(header_value(scope["headers"], "x-request-id") or b"").decode("latin-1")
+                           or uuid.uuid4().hex)
     # JSON carries no dtypes: read it against the signature of the version the dataplane's own routing
     # picks (the same one for a sticky split). Not pinned to it: infer() routes again, so a hot swap while
     # the request waits still moves it on to the successor version.
@@ -179,7 +182,7 @@ async def _predict(dataplane: Dataplane, doc: dict, model: str, version: str | N
         content = json.dumps(body, default=lambda o: o.tolist()).encode()
     else:
         content = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
-    return Response(content, 200, media_type="application/json")
+    return Response(content, 200, {"x-request-id": request.request_id}, media_type="application/json")
 
 
 def _is_b64(value) -> bool:

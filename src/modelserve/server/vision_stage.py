@@ -63,6 +63,7 @@ class VisionStage(RequestStage):
     def before(self, inputs):
         if self.pre is None:
             return inputs, None
+        inputs = dict(inputs)  # the request keeps the client's images (the payload log and drift read them)
         images = inputs.pop(self.image_input).reshape(-1)
         if not self.batching and len(images) != 1:
             raise InvalidInput(f"model '{self.name}' takes one image per request, got {len(images)}")

@@ -1,0 +1,514 @@
+"""The payload log, feedback and quality, against a real server process and real databases.
+
+Every request the clients send (REST and gRPC, from several threads, successes and failures) must
+appear in the database exactly once, with its id, status, model, version and input values; the
+database may stop or lock in the middle of the load without a request waiting on it or a row being
+lost; feedback must give the metrics computed here by hand; the CLI must read the rows back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from sqlalchemy import create_engine, text
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+from typer.testing import CliRunner
+
+from conftest import Server, identity_model, mlp_model, save_model
+
+FEATURES = 16
+
+
+def regression_model(path: Path) -> Path:
+    """y = x · w (FP32 [b,16] -> [b,1]): one number per row, scored as regression."""
+    w = numpy_helper.from_array(np.linspace(-1, 1, FEATURES, dtype=np.float32).reshape(FEATURES, 1), "w")
+    return save_model([helper.make_node("MatMul", ["x", "w"], ["y"])],
+                      [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", FEATURES])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1])], path, [w])
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    repo = tmp_path_factory.mktemp("monitor-repo")
+    mlp_model(repo / "mlp" / "1" / "model.onnx")
+    (repo / "mlp" / "config.yaml").write_text("max_batch_size: 16\nmonitoring: {max_values: 64}\n")
+    regression_model(repo / "reg" / "1" / "model.onnx")
+    for name, monitoring in (("quiet", "{payload_log: false}"), ("sampled", "{sample_rate: 0}"),
+                             ("big", "{max_values: 2}")):
+        identity_model(repo / name / "1" / "model.onnx", "FP32")
+        (repo / name / "config.yaml").write_text(f"monitoring: {monitoring}\n")
+    return repo
+
+
+def serve(repo: Path, db: str, spill: Path, *args: str) -> Server:
+    return Server(repo, "--monitor-db", db, "--monitor-spill", str(spill), *args)
+
+
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'monitor.db'}"
+
+
+def v2_body(x: np.ndarray, name: str = "x", request_id: str | None = None) -> dict:
+    body = {"inputs": [{"name": name, "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
+    if request_id:
+        body["id"] = request_id
+    return body
+
+
+def rest(client: httpx.Client, model: str, x: np.ndarray, request_id: str | None = None, name: str = "x",
+         header_id: str | None = None):
+    r = client.post(f"/v2/models/{model}/infer", json=v2_body(x, name, request_id),
+                    headers={"x-request-id": header_id} if header_id else None)
+    return r.status_code, r.headers["x-request-id"], r
+
+
+def grpc_infer(stub, model: str, x: np.ndarray, request_id: str = "") -> tuple[int, str]:
+    request = service_pb2.ModelInferRequest(model_name=model, id=request_id)
+    request.inputs.add(name="x", datatype="FP32", shape=list(x.shape))
+    request.raw_input_contents.append(x.astype(np.float32).tobytes())
+    try:
+        _, call = stub.ModelInfer.with_call(request, timeout=30)
+        code, metadata = 200, call.trailing_metadata()
+    except grpc.RpcError as exc:
+        code = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.NOT_FOUND: 404}.get(exc.code(), 500)
+        metadata = exc.trailing_metadata()
+    return code, dict(metadata)["x-request-id"]
+
+
+def flush(client: httpx.Client, timeout_s: float = 30) -> dict:
+    r = client.post(f"/v2/logs/flush?timeout_s={timeout_s}", timeout=timeout_s + 10)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def stored(url: str) -> list[dict]:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as c:
+            rows = c.execute(text("select request_id, model, version, protocol, status, error, inputs, prediction "
+                                  "from payload_log order by id")).mappings().all()
+    finally:
+        engine.dispose()
+    return [{**r, "inputs": json.loads(r["inputs"]) if isinstance(r["inputs"], str) else r["inputs"],
+             "prediction": json.loads(r["prediction"]) if isinstance(r["prediction"], str) else r["prediction"]}
+            for r in rows]
+
+
+def load(server: Server, threads: int = 4, per_thread: int = 30) -> list[dict]:
+    """REST and gRPC clients in parallel threads; every 7th request is malformed (400), every 11th goes to
+    a model that does not exist (404); half the requests carry their own id (REST: in the x-request-id
+    header or the body's ``id``, which a request refused before its body is read cannot give). Returns
+    what each sent."""
+    sent: list[dict] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def worker(t: int, kind: str) -> None:
+        rng = np.random.default_rng(t)
+        mine = []
+        with httpx.Client(base_url=f"http://{server.http_url}", timeout=30) as client, \
+                grpc.insecure_channel(server.grpc_url) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            for i in range(per_thread):
+                rows = 1 + i % 3
+                x = rng.standard_normal((rows, FEATURES)).astype(np.float32)
+                model, expect = "mlp", 200
+                if i % 7 == 3:
+                    x, expect = x[:, :5], 400
+                elif i % 11 == 5:
+                    model, expect = "missing", 404
+                given = f"{kind}-{t}-{i}" if i % 2 else None
+                if kind == "rest" and i % 4 == 1:
+                    status, rid, _ = rest(client, model, x, header_id=given)
+                elif kind == "rest":
+                    status, rid, _ = rest(client, model, x, given)
+                    if expect == 404:
+                        given = None
+                else:
+                    status, rid = grpc_infer(stub, model, x, given or "")
+                assert status == expect, (kind, i, status)
+                assert rid == given if given else len(rid) == 32, (kind, i, rid)
+                mine.append({"request_id": rid, "model": model, "status": status, "x": x,
+                             "protocol": "v2-rest" if kind == "rest" else "v2-grpc"})
+        with lock:
+            sent.extend(mine)
+
+    def guarded(t: int, kind: str) -> None:
+        try:
+            worker(t, kind)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
+            errors.append(exc)
+
+    workers = [threading.Thread(target=guarded, args=(t, kind)) for t in range(threads) for kind in ("rest", "grpc")]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    if errors:
+        raise errors[0]
+    return sent
+
+
+def check_rows_match(url: str, sent: list[dict]) -> None:
+    rows = stored(url)
+    assert len(rows) == len(sent)
+    by_id = {r["request_id"]: r for r in rows}
+    assert len(by_id) == len(rows)  # each request once
+    assert set(by_id) == {s["request_id"] for s in sent}
+    for s in sent:
+        row = by_id[s["request_id"]]
+        assert (row["model"], row["status"], row["protocol"]) == (s["model"], s["status"], s["protocol"])
+        if s["model"] == "mlp":
+            assert row["version"] == "1"
+            assert np.array_equal(np.array(row["inputs"]["x"], dtype=np.float32), s["x"])
+        if s["status"] == 200:
+            assert row["error"] is None and len(row["prediction"]["values"]) == len(s["x"])
+        else:
+            assert row["error"]
+
+
+@pytest.mark.parametrize("db", ["sqlite", "postgresql"])
+def test_rows_match_requests_under_concurrent_load(repo, tmp_path, request, db):
+    url = sqlite_url(tmp_path) if db == "sqlite" else request.getfixturevalue("postgres_url")
+    with serve(repo, url, tmp_path / "spill.jsonl") as server:
+        sent = load(server)
+        with httpx.Client(base_url=f"http://{server.http_url}") as client:
+            status = flush(client)
+            assert status["written"] == len(sent) and status["dropped"] == 0
+            logged = client.get("/v2/logs", params={"model": "mlp", "status": "4xx", "limit": 1000}).json()["rows"]
+            assert len(logged) == sum(s["model"] == "mlp" and s["status"] == 400 for s in sent)
+    check_rows_match(url, sent)
+    counts = Counter(s["status"] for s in sent)
+    assert counts[200] and counts[400] and counts[404]
+
+
+def _restart(pg) -> None:
+    """Start the private cluster ``services.start_postgres`` made, on its port and socket folder again."""
+    from sqlalchemy.engine import make_url
+
+    port = make_url(pg.server_url).port
+    options = f"-p {port} -k {pg.data_dir.parent / 'sock'} -c listen_addresses=127.0.0.1 -c fsync=off"
+    log = pg.data_dir.parent / "postgres.log"  # the cluster's folder: its user may write there
+    subprocess.run([*pg.pg_ctl, "-w", "-t", "60", "-D", str(pg.data_dir), "-o", options, "-l", str(log), "start"],
+                   check=True, capture_output=True, cwd=pg.data_dir.parent)
+
+
+def test_postgres_stopped_mid_load_loses_nothing(repo, tmp_path):
+    from services import ServiceUnavailable, start_postgres
+
+    try:
+        pg = start_postgres(tmp_path / "pg")
+    except ServiceUnavailable as exc:
+        pytest.skip(f"PostgreSQL unavailable: {exc}")
+    if not pg.pg_ctl:
+        pytest.skip("an external PostgreSQL (MODELSERVE_TEST_POSTGRES_URL) cannot be stopped by the test")
+    try:
+        url = pg.create_database("monitor")
+        spill = tmp_path / "spill.jsonl"
+        with serve(repo, url, spill) as server:
+            sent, latencies, stop = [], {"before": [], "down": [], "after": []}, threading.Event()
+            phase = ["before"]
+
+            def client_loop(seed: int) -> None:
+                rng = np.random.default_rng(seed)
+                with httpx.Client(base_url=f"http://{server.http_url}", timeout=30) as client:
+                    while not stop.is_set():
+                        x = rng.standard_normal((1, FEATURES)).astype(np.float32)
+                        started = time.perf_counter()
+                        status, rid, _ = rest(client, "mlp", x)
+                        latencies[phase[0]].append(time.perf_counter() - started)
+                        sent.append({"request_id": rid, "model": "mlp", "status": status, "x": x,
+                                     "protocol": "v2-rest"})
+                        time.sleep(0.002)
+
+            threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(3)]
+            for t in threads:
+                t.start()
+            try:
+                time.sleep(1.0)
+                subprocess.run([*pg.pg_ctl, "-D", str(pg.data_dir), "-m", "fast", "-w", "stop"], check=True,
+                               capture_output=True, cwd=pg.data_dir.parent)
+                phase[0] = "down"
+                with httpx.Client(base_url=f"http://{server.http_url}") as client:
+                    deadline = time.monotonic() + 20
+                    while not (spill.exists() and spill.stat().st_size > 0):
+                        assert time.monotonic() < deadline, "the spill file was never written"
+                        time.sleep(0.05)
+                    time.sleep(1.0)
+                    down = client.get("/v2/logs/status").json()
+                    assert down["database_error"] and down["spilled"] > 0
+                    _restart(pg)
+                    phase[0] = "after"
+                    time.sleep(1.5)
+            finally:
+                stop.set()
+                for t in threads:
+                    t.join()
+            with httpx.Client(base_url=f"http://{server.http_url}") as client:
+                status = flush(client, 60)
+            assert status["database_error"] is None and status["dropped"] == 0
+            assert status["replayed"] == status["spilled"] > 0
+            assert spill.stat().st_size == 0  # replayed, then emptied
+            assert all(s["status"] == 200 for s in sent)  # the requests never noticed
+            assert len(latencies["down"]) > 20
+            for name, values in latencies.items():
+                print(f"{name}: {len(values)} requests, p50 {np.percentile(values, 50) * 1e3:.2f} ms, "
+                      f"max {max(values) * 1e3:.2f} ms")
+            # requests never wait on the database (its connect timeout is 5 s, the writer's 2 s): the outage
+            # costs at most the spill file's append, in the writer thread
+            p50 = {name: np.percentile(values, 50) for name, values in latencies.items()}
+            assert p50["down"] < 3 * p50["before"] + 0.005, p50
+            assert max(latencies["down"]) < 1.0
+        check_rows_match(url, sent)
+    finally:
+        pg.stop()
+
+
+def test_sqlite_locked_requests_never_wait_and_rows_are_not_doubled(repo, tmp_path):
+    """A writer holding SQLite's lock stalls the server's INSERT (it waits up to 30 s): requests go on,
+    the stalled batch goes to the spill file too, and when it commits late the replay skips it."""
+    url, spill = sqlite_url(tmp_path), tmp_path / "spill.jsonl"
+    with serve(repo, url, spill) as server, httpx.Client(base_url=f"http://{server.http_url}", timeout=30) as client:
+        rng = np.random.default_rng(1)
+        sent = []
+
+        def one() -> None:
+            x = rng.standard_normal((1, FEATURES)).astype(np.float32)
+            status, rid, _ = rest(client, "mlp", x)
+            sent.append({"request_id": rid, "model": "mlp", "status": status, "x": x, "protocol": "v2-rest"})
+
+        one()
+        flush(client)
+        blocker = sqlite3.connect(tmp_path / "monitor.db", isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")
+        try:
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:  # 5 s of requests, all answered while the lock is held
+                one()
+                time.sleep(0.01)
+            during = client.get("/v2/logs/status").json()
+            assert during["spilled"] > 0 and spill.stat().st_size > 0
+        finally:
+            blocker.rollback()
+            blocker.close()
+        status = flush(client, 60)
+        assert status["flushed"] and spill.stat().st_size == 0
+    assert all(s["status"] == 200 for s in sent)
+    check_rows_match(url, sent)
+
+
+def test_spill_file_survives_kill_9(repo, tmp_path):
+    """Records spilled while the database was locked are on disk: a server killed with SIGKILL loses
+    none of them; the next one replays the file."""
+    url, spill = sqlite_url(tmp_path), tmp_path / "spill.jsonl"
+    server = serve(repo, url, spill)
+    blocker = None
+    try:
+        with httpx.Client(base_url=f"http://{server.http_url}", timeout=30) as client:
+            flush(client)
+            blocker = sqlite3.connect(tmp_path / "monitor.db", isolation_level=None)
+            blocker.execute("BEGIN EXCLUSIVE")
+            ids = [rest(client, "mlp", np.ones((1, FEATURES), np.float32))[1] for _ in range(20)]
+            deadline = time.monotonic() + 20
+            while client.get("/v2/logs/status").json()["spilled"] < len(ids):
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        os.killpg(server.proc.pid, 9)
+        server.proc.wait()
+    finally:
+        if blocker is not None:
+            blocker.rollback()
+            blocker.close()
+        server.stop()
+    assert spill.stat().st_size > 0
+    with serve(repo, url, spill) as again, httpx.Client(base_url=f"http://{again.http_url}") as client:
+        assert flush(client)["replayed"] >= len(ids)
+    rows = stored(url)
+    assert {r["request_id"] for r in rows} == set(ids) and len(rows) == len(ids)
+
+
+def test_sampling_and_per_model_switches(repo, tmp_path):
+    url = sqlite_url(tmp_path)
+    x = np.ones((1, 4), np.float32)
+    with serve(repo, url, tmp_path / "spill.jsonl") as server, \
+            httpx.Client(base_url=f"http://{server.http_url}") as client:
+        for _ in range(5):
+            assert rest(client, "quiet", x, name="INPUT0")[0] == 200
+            assert rest(client, "sampled", x, name="INPUT0")[0] == 200
+        assert rest(client, "quiet", x[:, :2], name="INPUT0")[0] == 400  # logging off: not even failures
+        failed = rest(client, "sampled", x[:, :2], name="INPUT0")[1]  # failures are not sampled away
+        big = rest(client, "big", np.arange(4, dtype=np.float32).reshape(1, 4), name="INPUT0")[1]
+        flush(client)
+    rows = {r["request_id"]: r for r in stored(url)}
+    assert set(rows) == {failed, big}
+    summary = rows[big]["inputs"]["INPUT0"]
+    assert summary["summary"] and summary["shape"] == [1, 4] and summary["mean"] == 1.5 and summary["max"] == 3.0
+    assert len(summary["sha256"]) == 64
+
+    off = tmp_path / "off"
+    with serve(repo, sqlite_url(off), off / "spill.jsonl", "--no-payload-log") as server, \
+            httpx.Client(base_url=f"http://{server.http_url}") as client:
+        assert rest(client, "mlp", np.ones((1, FEATURES), np.float32))[0] == 200
+        assert client.get("/v2/logs/status").status_code == 503
+    assert not (off / "monitor.db").exists()
+
+
+def by_hand(pairs: list[tuple[int, int]]) -> dict:
+    classes = sorted({c for p in pairs for c in p})
+    confusion = {t: {p: sum(1 for pp, tt in pairs if tt == t and pp == p) for p in classes} for t in classes}
+    out = {"accuracy": sum(p == t for p, t in pairs) / len(pairs), "confusion": confusion, "per_class": {}}
+    for c in classes:
+        tp = confusion[c][c]
+        predicted = sum(confusion[t][c] for t in classes)
+        actual = sum(confusion[c].values())
+        out["per_class"][c] = (tp / predicted if predicted else 0.0, tp / actual if actual else 0.0)
+    return out
+
+
+def test_feedback_gives_the_metrics_computed_by_hand(repo, tmp_path):
+    url = sqlite_url(tmp_path)
+    rng = np.random.default_rng(7)
+    with serve(repo, url, tmp_path / "spill.jsonl") as server, \
+            httpx.Client(base_url=f"http://{server.http_url}", timeout=30) as client:
+        pairs, feedback = [], []
+        for i in range(40):
+            rows = 2 if i % 10 == 0 else 1
+            status, rid, r = rest(client, "mlp", rng.standard_normal((rows, FEATURES)).astype(np.float32))
+            predicted = np.argmax(np.array(r.json()["outputs"][0]["data"]).reshape(rows, 4), axis=1).tolist()
+            truth = [p if rng.random() < 0.6 else int(rng.integers(0, 4)) for p in predicted]
+            pairs += list(zip(predicted, truth))
+            feedback.append({"request_id": rid, "ground_truth": truth if rows > 1 else truth[0]})
+        answers = [client.post("/v2/models/mlp/feedback", json=f) for f in feedback[:20]]
+        assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+        batch = client.post("/v2/models/mlp/feedback", json={"items": feedback[20:]}).json()
+        assert batch["accepted"] == 20
+        again = client.post("/v2/models/mlp/feedback", json=feedback[0])
+        assert again.status_code == 409
+        assert client.post("/v2/models/mlp/feedback", json={"request_id": "nope", "ground_truth": 1}).status_code == 404
+        assert client.post("/v2/models/reg/feedback", json=feedback[1]).status_code == 404  # another model's request
+
+        reg_pairs = []
+        for _ in range(10):
+            status, rid, r = rest(client, "reg", rng.standard_normal((1, FEATURES)).astype(np.float32))
+            value = r.json()["outputs"][0]["data"][0]
+            truth = round(value + float(rng.normal()), 3)
+            reg_pairs.append((value, truth))
+            assert client.post("/v2/models/reg/feedback", json={"request_id": rid, "ground_truth": truth}).status_code == 200
+        late = rest(client, "mlp", np.ones((1, FEATURES), np.float32))[2]
+        late_id = late.headers["x-request-id"]
+
+        def check(quality: dict) -> None:
+            got, want = quality["versions"]["1"], by_hand(pairs)
+            assert got["samples"] == len(pairs) == 44
+            assert got["accuracy"] == pytest.approx(want["accuracy"])
+            assert got["confusion"] == {str(t): {str(p): n for p, n in row.items()} for t, row in want["confusion"].items()}
+            for c, (precision, recall) in want["per_class"].items():
+                assert got["per_class"][str(c)]["precision"] == pytest.approx(precision)
+                assert got["per_class"][str(c)]["recall"] == pytest.approx(recall)
+
+        check(client.get("/v2/models/mlp/quality").json())
+        reg = client.get("/v2/models/reg/quality").json()["versions"]["1"]
+        errors = np.array([p - t for p, t in reg_pairs])
+        assert reg["mae"] == pytest.approx(np.abs(errors).mean(), rel=1e-6)
+        assert reg["rmse"] == pytest.approx(np.sqrt((errors ** 2).mean()), rel=1e-6)
+        scraped = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+                   for line in client.get("/metrics").text.splitlines() if line and not line.startswith("#")}
+        assert scraped['modelserve_accuracy{model="mlp",version="1"}'] == pytest.approx(by_hand(pairs)["accuracy"])
+        assert scraped['modelserve_feedback_samples{model="mlp",version="1"}'] == 44
+        assert scraped['modelserve_mae{model="reg",version="1"}'] == pytest.approx(np.abs(errors).mean(), rel=1e-6)
+        flush(client)
+
+    result = CliRunner().invoke(_cli(), ["stats", "--db", url, "--json"])
+    assert result.exit_code == 0, result.output
+    mlp = next(r for r in json.loads(result.output) if r["model"] == "mlp" and r["version"] == "1")
+    assert mlp["accuracy"] == pytest.approx(by_hand(pairs)["accuracy"]) and mlp["requests"] == 41
+
+    # a new process: windows come back from the feedback table; old requests join through the database
+    with serve(repo, url, tmp_path / "spill.jsonl") as server, \
+            httpx.Client(base_url=f"http://{server.http_url}", timeout=30) as client:
+        deadline = time.monotonic() + 20
+        while not client.get("/v2/models/mlp/quality").json()["versions"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        check(client.get("/v2/models/mlp/quality").json())
+        assert client.post("/v2/models/mlp/feedback", json=feedback[3]).status_code == 409  # known from the database
+        joined = client.post("/v2/models/mlp/feedback", json={"request_id": late_id, "ground_truth": 0})
+        assert joined.status_code == 200, joined.text
+        assert joined.json()["samples"] == 1
+
+
+def _cli():
+    from modelserve.cli import app
+
+    return app
+
+
+def test_cli_logs_export_and_stats(repo, tmp_path):
+    url = sqlite_url(tmp_path)
+    with serve(repo, url, tmp_path / "spill.jsonl") as server, \
+            httpx.Client(base_url=f"http://{server.http_url}") as client:
+        ok = [rest(client, "mlp", np.full((1, FEATURES), i, np.float32))[1] for i in range(5)]
+        bad = rest(client, "mlp", np.ones((1, 3), np.float32))[1]
+        flush(client)
+        r = subprocess.run([sys.executable, "-m", "modelserve", "feedback", "mlp",
+                            ok[0], "2", "--url", f"http://{server.http_url}"], capture_output=True, text=True)
+        assert r.returncode == 0 and "mlp v1" in r.stdout, r.stderr
+        flush(client)
+    runner = CliRunner()
+    result = runner.invoke(_cli(), ["logs", "--db", url, "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    assert [r["request_id"] for r in rows] == [bad, *reversed(ok)]  # newest first
+    assert rows[-1]["inputs"]["x"] == [[0.0] * FEATURES]
+    errors = json.loads(runner.invoke(_cli(), ["logs", "--db", url, "--status", "error", "--json"]).output)
+    assert [r["request_id"] for r in errors] == [bad] and errors[0]["status"] == 400
+
+    out = tmp_path / "rows.csv"
+    result = runner.invoke(_cli(), ["logs", "--db", url, "--model", "mlp", "--export", str(out)])
+    assert result.exit_code == 0, result.output
+    import csv
+
+    exported = list(csv.DictReader(out.open()))
+    assert [r["request_id"] for r in exported] == [*ok, bad]  # oldest first
+    assert json.loads(exported[1]["inputs"])["x"] == [[1.0] * FEATURES]
+
+    parquet = runner.invoke(_cli(), ["logs", "--db", url, "--export", str(tmp_path / "rows.parquet")])
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        assert parquet.exit_code == 2 and "pyarrow" in parquet.output
+    else:
+        assert parquet.exit_code == 0 and pq.read_table(tmp_path / "rows.parquet").num_rows == 6
+
+    table = runner.invoke(_cli(), ["stats", "--db", url])
+    assert table.exit_code == 0 and "mlp" in table.output
+    stats = json.loads(runner.invoke(_cli(), ["stats", "--db", url, "--json"]).output)
+    mlp = next(r for r in stats if r["model"] == "mlp")
+    assert (mlp["requests"], mlp["failures"], mlp["feedback"]) == (6, 1, 1)
+    assert runner.invoke(_cli(), ["logs", "--db", f"sqlite:///{tmp_path / 'none.db'}"]).exit_code == 1
+
+
+def test_json_log_lines_carry_the_request_id():
+    from modelserve.logs import REQUEST_ID, JsonFormatter
+
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "hello", None, None)
+    token = REQUEST_ID.set("abc123")
+    try:
+        assert json.loads(JsonFormatter().format(record))["request_id"] == "abc123"
+    finally:
+        REQUEST_ID.reset(token)
+    assert "request_id" not in json.loads(JsonFormatter().format(record))
