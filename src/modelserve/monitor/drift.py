@@ -52,6 +52,8 @@ from pathlib import Path
 
 import numpy as np
 
+from modelserve.monitor.encode import row_stats
+
 log = logging.getLogger(__name__)
 
 #: a tabular input wider than this is summarized per row (mean, std, min, max) instead of per column
@@ -174,9 +176,9 @@ def tensor_features(name: str, arr: np.ndarray, pixels: bool = False) -> dict[st
     if arr.ndim == 2 and not pixels:
         if arr.shape[1] <= MAX_COLUMNS:
             return {f"{name}[{j}]": _finite(arr[:, j]) for j in range(arr.shape[1])}
-        wide = arr.astype(np.float64)
-        return {f"{name}.mean": _finite(wide.mean(axis=1)), f"{name}.std": _finite(wide.std(axis=1)),
-                f"{name}.min": _finite(wide.min(axis=1)), f"{name}.max": _finite(wide.max(axis=1))}
+        mean, std, low, high = row_stats(arr)
+        return {f"{name}.mean": _finite(mean), f"{name}.std": _finite(std),
+                f"{name}.min": _finite(low), f"{name}.max": _finite(high)}
     if arr.ndim == 2:  # grey pixels flattened per image
         arr = arr[:, None, :]
     flat = _channels_first(arr)

@@ -79,6 +79,18 @@ def summary(array: np.ndarray) -> dict:
     return doc
 
 
+def row_stats(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Mean, std, min and max of each row of a 2-D numeric array, accumulated in float64 without a
+    float64 copy of the rows (one pass for the sums; the summary's and drift's hot spot)."""
+    if flat.dtype.kind != "f":
+        flat = flat.astype(np.float64)
+    n = flat.shape[1]
+    mean = flat.mean(axis=1, dtype=np.float64)
+    squares = np.einsum("ij,ij->i", flat, flat, dtype=np.float64)
+    std = np.sqrt(np.maximum(squares / n - mean * mean, 0.0))
+    return mean, std, flat.min(axis=1).astype(np.float64), flat.max(axis=1).astype(np.float64)
+
+
 def encode(array: np.ndarray, max_values: int):
     """One tensor for the log: its values (nested lists) when small, else ``summary()``."""
     array = np.asarray(array)
@@ -98,8 +110,39 @@ def encode_all(tensors: dict[str, np.ndarray] | None, max_values: int) -> dict |
     return {name: encode(array, max_values) for name, array in tensors.items()}
 
 
-def _rows(array: np.ndarray, batching: bool) -> list[np.ndarray]:
-    return list(array) if batching and array.ndim else [array]
+def encode_many(records: list[dict[str, np.ndarray] | None], max_values: int) -> list[dict | None]:
+    """``encode_all`` of many records at once, the same result: tensors of one name, shape and numeric
+    dtype are turned into values or summaries in one numpy pass over all of them (the writer thread's
+    time is per cycle, not per record, and it holds the GIL the event loop needs)."""
+    out: list[dict | None] = [None if t is None else {} for t in records]
+    groups: dict[tuple, list[int]] = {}
+    for i, tensors in enumerate(records):
+        for name, array in (tensors or {}).items():
+            groups.setdefault((name, array.shape, array.dtype), []).append(i)
+    for (name, shape, dtype), idx in groups.items():
+        if len(idx) > 1 and dtype.kind in "biuf" and np.prod(shape, dtype=np.int64) > 0:
+            flat = np.stack([records[i][name] for i in idx]).reshape(len(idx), -1)
+            if flat.shape[1] <= max_values:
+                for i, values in zip(idx, flat.reshape(len(idx), *shape).tolist()):
+                    out[i][name] = values
+                continue
+            if dtype.kind != "f" or np.isfinite(flat).all():  # else: per record, counting the non-finite
+                stats = zip(*(column.tolist() for column in row_stats(flat)))
+                head = {"summary": True, "shape": list(shape), "dtype": _dtype(flat)}
+                for row, i, (mean, std, low, high) in zip(flat, idx, stats):
+                    out[i][name] = {**head, "mean": mean, "std": std, "min": low, "max": high,
+                                    "sha256": hashlib.sha256(row).hexdigest()}
+                continue
+        for i in idx:
+            out[i][name] = encode(records[i][name], max_values)
+    return out
+
+
+def _rows(array: np.ndarray, batching: bool) -> np.ndarray:
+    """Rows first, one row per request row (a model without batching: the whole tensor is one row)."""
+    if batching and array.ndim:
+        return array.reshape(len(array), -1)
+    return array.reshape(1, -1)
 
 
 def _scalar(value):
@@ -127,17 +170,24 @@ def prediction(outputs: dict[str, np.ndarray] | None, batching: bool, task: str 
         if classes is not None or labels is not None:
             doc: dict = {"kind": "class"}
             if classes is not None:
-                doc["values"] = [int(np.ravel(r)[0]) if np.size(r) else None for r in _rows(classes, batching)]
+                doc["values"] = _firsts(_rows(classes, batching), int)
             if labels is not None:
-                doc["labels"] = [_scalar(np.ravel(r)[0]) if np.size(r) else None for r in _rows(labels, batching)]
+                doc["labels"] = _firsts(_rows(labels, batching), _scalar)
                 doc.setdefault("values", doc["labels"])
             return doc
     numeric = [a for a in outputs.values() if a.dtype.kind in "biuf" and a.size]
     for array in numeric:
         rows = _rows(array, batching)
-        per_row = rows[0].size if rows else 0
+        per_row = rows.shape[1]
         if task == "regression" or (task == "auto" and per_row == 1):
-            return {"kind": "value", "values": [float(np.ravel(r)[0]) for r in rows]}
+            return {"kind": "value", "values": rows[:, 0].astype(np.float64).tolist()}
         if per_row > 1:
-            return {"kind": "class", "values": [int(np.argmax(np.ravel(r))) for r in rows]}
+            return {"kind": "class", "values": rows.argmax(axis=1).tolist()}
     return None
+
+
+def _firsts(rows: np.ndarray, convert) -> list:
+    """Each row's first element (top-1 of a top-k output), None for an empty row."""
+    if not rows.shape[1]:
+        return [None] * len(rows)
+    return [convert(v) for v in rows[:, 0].tolist()]

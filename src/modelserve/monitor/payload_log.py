@@ -35,11 +35,12 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import orjson
 
 from modelserve.errors import ModelNotReady, ModelServeError
 from modelserve.monitor.drift import DriftTracker
-from modelserve.monitor.encode import encode_all, prediction
+from modelserve.monitor.encode import encode_all, encode_many, prediction
 from modelserve.monitor.quality import QualityTracker
 from modelserve.monitor.spill import SpillFile
 from modelserve.server.config import Monitoring
@@ -47,6 +48,10 @@ from modelserve.server.config import Monitoring
 log = logging.getLogger(__name__)
 _DEFAULT = Monitoring()
 _JSON = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
+#: payload rows per INSERT statement (x 13 parameters: under SQLite's and PostgreSQL's limits)
+CHUNK_ROWS = 500
+PAYLOAD_COLUMNS = ("uid", "request_id", "model", "version", "protocol", "status", "error", "latency_ms", "client",
+                   "at", "inputs", "outputs", "prediction")
 
 
 def _dumps(value) -> str:
@@ -78,6 +83,65 @@ def status_of(exc: BaseException) -> tuple[int, str]:
     return 500, f"internal error: {exc}"[:2000]
 
 
+def _encode_one(record: tuple, config) -> tuple:
+    """(inputs, outputs, prediction) of one record, encoded alone."""
+    inputs, outputs = record[10], record[11]
+    mon = config.monitoring if config is not None else _DEFAULT
+    try:
+        pred = prediction(outputs, bool(config and config.max_batch_size), mon.task) if outputs else None
+        return encode_all(inputs, mon.max_values), encode_all(outputs, mon.max_values), pred
+    except Exception as exc:  # noqa: BLE001 - a tensor we cannot encode must not lose the row
+        return {"unencodable": str(exc)}, {"unencodable": str(exc)}, None
+
+
+def _concat(tensors: list[dict | None]) -> dict | None:
+    """Requests' tensors joined along the batch axis, or None when their names, dtypes or row shapes differ."""
+    first = tensors[0]
+    if not first:
+        return None
+    signature = {name: (a.dtype, a.shape[1:]) for name, a in first.items() if a.ndim}
+    if len(signature) != len(first):
+        return None
+    for t in tensors[1:]:
+        if not t or len(t) != len(first) or any((a.dtype, a.shape[1:]) != signature.get(n) or not a.ndim
+                                                for n, a in t.items()):
+            return None
+    return {name: np.concatenate([t[name] for t in tensors]) for name in first}
+
+
+def _encode_group(group: list[tuple], config) -> tuple[list[tuple], list[tuple]]:
+    """Records of one model version -> ([(inputs, outputs, prediction)], drift observations)."""
+    mon = config.monitoring if config is not None else _DEFAULT
+    batching = bool(config and config.max_batch_size)
+    enc_in = encode_many([r[10] for r in group], mon.max_values)
+    enc_out = encode_many([r[11] for r in group], mon.max_values)
+    answered = [r for r in group if r[11]]
+    joined = _concat([r[11] for r in answered]) if batching and len(answered) > 1 else None
+    if joined is None:
+        preds = [prediction(r[11], batching, mon.task) if r[11] else None for r in group]
+    else:  # row-wise, so the prediction of the joined outputs is the requests' predictions joined
+        whole = prediction(joined, True, mon.task)
+        split, start = {}, 0
+        if whole is not None:
+            kind, values, labels = whole["kind"], whole["values"], whole.get("labels")
+            for r in answered:
+                end = start + len(next(iter(r[11].values())))
+                split[id(r)] = {"kind": kind, "values": values[start:end]}
+                if labels is not None:
+                    split[id(r)]["labels"] = labels[start:end]
+                start = end
+        preds = [split.get(id(r)) for r in group]
+    observed = []
+    if config is not None:
+        ok = [r for r in group if r[7] == 200 and r[10]]
+        joined_in = _concat([r[10] for r in ok]) if batching and len(ok) > 1 else None
+        if joined_in is not None:
+            observed.append((ok[0][3], ok[0][4], joined_in, config))
+        else:
+            observed += [(r[3], r[4], r[10], config) for r in ok]
+    return list(zip(enc_in, enc_out, preds)), observed
+
+
 class PayloadLog:
     def __init__(self, url: str, spill_path: Path, *, interval_s: float = 0.25, batch_size: int = 2000,
                  write_timeout_s: float = 2.0, retry_s: float = 1.0, max_buffer: int = 200_000,
@@ -90,6 +154,9 @@ class PayloadLog:
         self.interval_s, self.batch_size = interval_s, batch_size
         self.write_timeout_s, self.retry_s, self.max_buffer = write_timeout_s, retry_s, max_buffer
         self._buf: deque = deque()
+        self._statements: dict[int, str] = {}  # rows -> the INSERT of that many payload rows
+        #: row keys: a random per-process prefix and a counter (unique across processes and restarts)
+        self._uid_prefix, self._uid = uuid.uuid4().hex[:16], 0
         self._held: list[dict] = []  # encoded rows neither the database nor the disk took (rare)
         self._seq_in = self._seq_seen = self._seq_done = 0
         self._engine = None
@@ -174,27 +241,38 @@ class PayloadLog:
                 self._job = self._db.submit(self._replay)
 
     def _encode(self, records: list[tuple]) -> list[dict]:
-        rows, remembered, observed = [], [], []
-        for record in records:
+        """Records -> rows. Requests to one model version are encoded together: one numpy pass per
+        tensor name for the values or summaries, one for the predictions and one for drift, so the
+        thread's time (and the GIL it takes from the event loop) grows per cycle, not per record."""
+        groups: dict[tuple, list[int]] = {}
+        for i, record in enumerate(records):
+            if record[0] == "p":
+                groups.setdefault((id(record[12]), record[3], record[4]), []).append(i)
+        encoded, observed = {}, []
+        for idx in groups.values():
+            group = [records[i] for i in idx]
+            config = group[0][12]
+            try:
+                parts, seen = _encode_group(group, config)
+            except Exception:  # noqa: BLE001 - one record we cannot encode must not cost its neighbours
+                parts, seen = [_encode_one(r, config) for r in group], []
+            encoded.update(zip(idx, parts))
+            observed += seen
+        rows, remembered = [], []
+        for i, record in enumerate(records):
             if record[0] == "f":
                 rows.append(record[1])
                 continue
-            _, at, rid, model, version, protocol, client, status, error, latency_ns, inputs, outputs, config = record
-            mon = config.monitoring if config is not None else _DEFAULT
-            try:
-                enc_in, enc_out = encode_all(inputs, mon.max_values), encode_all(outputs, mon.max_values)
-                pred = prediction(outputs, bool(config and config.max_batch_size), mon.task) if outputs else None
-            except Exception as exc:  # noqa: BLE001 - a tensor we cannot encode must not lose the row
-                enc_in = enc_out = {"unencodable": str(exc)}
-                pred = None
-            rows.append({"_t": "p", "uid": uuid.uuid4().hex, "request_id": rid[:200], "model": model[:200],
-                         "version": version[:40] if version else None, "protocol": protocol[:20], "status": status,
-                         "error": error, "latency_ms": latency_ns / 1e6, "client": client[:200] if client else None,
-                         "at": at, "inputs": enc_in, "outputs": enc_out, "prediction": pred})
+            _, at, rid, model, version, protocol, client, status, error, latency_ns, _, _, _ = record
+            enc_in, enc_out, pred = encoded[i]
+            self._uid += 1
+            rows.append({"_t": "p", "uid": f"{self._uid_prefix}{self._uid:x}", "request_id": rid[:200],
+                         "model": model[:200], "version": version[:40] if version else None,
+                         "protocol": protocol[:20], "status": status, "error": error, "latency_ms": latency_ns / 1e6,
+                         "client": client[:200] if client else None, "at": at, "inputs": enc_in,
+                         "outputs": enc_out, "prediction": pred})
             if pred is not None:
                 remembered.append((rid, model, version, pred))
-            if status == 200 and inputs:
-                observed.append((model, version, inputs, config))
         self.quality.remember(remembered)
         try:
             self.drift.observe(observed)
@@ -280,8 +358,9 @@ class PayloadLog:
 
         try:
             with self._engine.begin() as conn:
-                if payload:
-                    conn.execute(self._payload_insert, payload)
+                for start in range(0, len(payload), CHUNK_ROWS):
+                    chunk = payload[start:start + CHUNK_ROWS]
+                    conn.exec_driver_sql(self._rows_statement(len(chunk)), self._row_params(chunk))
                 if feedback:
                     conn.execute(self._feedback_insert, feedback)
         except (DataError, IntegrityError):  # one row the database refuses must not block the rest forever
@@ -295,6 +374,31 @@ class PayloadLog:
                     log.error("payload log: the database refuses a row (request %s): %s",
                               row.get("request_id"), str(exc).splitlines()[0])
         self.written += len(payload)
+
+    def _rows_statement(self, count: int) -> str:
+        """One INSERT of ``count`` payload rows: the database takes a chunk in one statement (one GIL
+        release and re-take by the driver, not one per row, and no per-row work in SQLAlchemy)."""
+        statement = self._statements.get(count)
+        if statement is None:
+            mark = "?" if self._engine.dialect.paramstyle == "qmark" else "%s"
+            one = "(" + ", ".join([mark] * len(PAYLOAD_COLUMNS)) + ")"
+            statement = (f"INSERT INTO payload_log ({', '.join(PAYLOAD_COLUMNS)}) VALUES "
+                         f"{', '.join([one] * count)} ON CONFLICT (uid) DO NOTHING")
+            self._statements[count] = statement
+        return statement
+
+    def _row_params(self, rows: list[dict]) -> tuple:
+        """The rows' values, flat, as the driver takes them: JSON as text (orjson), ``at`` as SQLAlchemy
+        stores it (SQLite: naive UTC text; elsewhere the datetime)."""
+        sqlite = self._engine.dialect.name == "sqlite"
+        params: list = []
+        for row in rows:
+            at = row["at"]
+            params += (row["uid"], row["request_id"], row["model"], row["version"], row["protocol"], row["status"],
+                       row["error"], row["latency_ms"], row["client"],
+                       at.replace(tzinfo=None).isoformat(" ", "microseconds") if sqlite else at,
+                       *(None if row[c] is None else _dumps(row[c]) for c in ("inputs", "outputs", "prediction")))
+        return tuple(params)
 
     def _replay(self) -> None:
         while True:

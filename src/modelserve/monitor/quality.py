@@ -103,10 +103,10 @@ class QualityTracker:
 
     def remember(self, items: list[tuple[str, str, str | None, dict]]) -> None:
         """(request_id, model, version, prediction) of logged requests; the oldest fall out past capacity."""
-        with self._lock:
-            for request_id, model, version, prediction in items:
-                self._predictions[request_id] = (model, version, prediction)
-                self._predictions.move_to_end(request_id)
+        if not items:
+            return
+        with self._lock:  # one C-level update per cycle; a request id logged twice keeps its first place
+            self._predictions.update((rid, (model, version, prediction)) for rid, model, version, prediction in items)
             while len(self._predictions) > self.capacity:
                 self._predictions.popitem(last=False)
 

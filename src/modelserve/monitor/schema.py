@@ -35,11 +35,12 @@ class PayloadRecord(MonitorBase):
     version: Mapped[str | None] = mapped_column(String(40), nullable=True)
     protocol: Mapped[str] = mapped_column(String(20))
     #: HTTP-style: 200, 400, 404, 429, 500, 503, ...; 499 when the client went away
-    status: Mapped[int] = mapped_column(Integer, index=True)
+    status: Mapped[int] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     latency_ms: Mapped[float] = mapped_column(Float)
     client: Mapped[str | None] = mapped_column(String(200), nullable=True)
-    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    #: indexed with ``model`` only: every index is paid on each insert, and queries name a model or scan
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     #: {name: values} for small tensors, {name: {"summary": true, shape, dtype, mean, std, min, max, sha256}}
     inputs: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     outputs: Mapped[dict | None] = mapped_column(JSON, nullable=True)

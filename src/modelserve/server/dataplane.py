@@ -7,6 +7,7 @@ statistics answers are built here as plain dicts in the V2 vocabulary.
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -46,8 +47,18 @@ class InferRequest:
     #: the peer, as the transport names it ("127.0.0.1:50312", gRPC's "ipv4:..."); None when unknown
     client: str | None = None
     #: the id the payload log, feedback and log lines use: the adapter's (an ``x-request-id`` header),
-    #: else ``id``, else one the dataplane makes (uuid4 hex); adapters return it to the client
+    #: else ``id``, else one the dataplane makes (``new_request_id``); adapters return it to the client
     request_id: str | None = None
+
+
+#: request ids: a random prefix per process and a counter; unique without a syscall on the request
+#: path (uuid4 reads os.urandom, and a syscall hands the GIL to the payload log's threads)
+_ID_PREFIX = uuid.uuid4().hex[:16]
+_ids = itertools.count(1)
+
+
+def new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_ids):016x}"
 
 
 @dataclass(slots=True)
@@ -140,7 +151,7 @@ class Dataplane:
         """``_infer`` with a request id (in the log context while it runs), and its payload-log record,
         answered or failed. Pipeline steps are logged as their pipeline's request only."""
         if request.request_id is None:
-            request.request_id = request.id or uuid.uuid4().hex
+            request.request_id = request.id or new_request_id()
         token = REQUEST_ID.set(request.request_id)
         payload_log = self.payload_log if request.protocol != "pipeline" else None
         started = time.perf_counter_ns()

@@ -11,7 +11,6 @@ import asyncio
 import functools
 import logging
 import math
-import uuid
 
 import grpc
 import numpy as np
@@ -20,7 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from modelserve.datatypes import NUMPY_OF, from_wire, to_wire, v2_name
 from modelserve.errors import InvalidInput, ModelServeError
-from modelserve.server.dataplane import Dataplane, InferRequest, InferResponse
+from modelserve.server.dataplane import Dataplane, InferRequest, InferResponse, new_request_id
 from modelserve.server.proto import inference_pb2 as pb
 from modelserve.server.proto import model_config_pb2
 
@@ -110,7 +109,7 @@ class InferenceService:
             _check_version(request.model_version)
             infer_request = decode_request(request, context)
         except ModelServeError as exc:  # refused before the dataplane: still an id and a payload-log row
-            request_id = request.id or uuid.uuid4().hex
+            request_id = request.id or new_request_id()
             context.set_trailing_metadata((("x-request-id", request_id),))
             if self.dataplane.payload_log is not None:
                 self.dataplane.payload_log.rejected(request.model_name, request.model_version or None, "v2-grpc",

@@ -10,7 +10,6 @@ batcher merges them. ``/v2/models/{m}/infer`` stays pure V2.
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 import numpy as np
 from fastapi import APIRouter, Request
@@ -18,7 +17,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from modelserve.errors import InvalidInput
-from modelserve.server.dataplane import Dataplane, InferRequest
+from modelserve.server.dataplane import Dataplane, InferRequest, new_request_id
 from modelserve.server.rest import peer, json_response, read_body
 from modelserve.vision import mask_to_png
 
@@ -38,7 +37,7 @@ def image_router(dataplane: Dataplane, max_request_bytes: int) -> APIRouter:
         image_input(dataplane, model, version)  # 404/503 (or 400: no preprocess) before reading an upload
         body = await read_body(request.headers, request.stream(), max_request_bytes)
         images = await _images(request, body)
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request_id = request.headers.get("x-request-id") or new_request_id()
         return json_response(await predict_images(
             dataplane, model, version, images, headers=request.scope["headers"], protocol="image-rest",
             client=peer(request.scope), request_id=request_id), headers={"x-request-id": request_id})

@@ -10,7 +10,6 @@ import gzip
 import json
 import logging
 import re
-import uuid
 import zlib
 from typing import TYPE_CHECKING
 
@@ -24,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from modelserve.datatypes import NUMPY_OF, from_json, from_wire, to_json, to_wire, v2_name
 from modelserve.errors import InvalidInput, ModelServeError, PayloadTooLarge, QueueFull, Unsupported
 from modelserve.monitor.metrics import Metrics
-from modelserve.server.dataplane import Dataplane, InferRequest, InferResponse
+from modelserve.server.dataplane import Dataplane, InferRequest, InferResponse, new_request_id
 
 if TYPE_CHECKING:
     from modelserve.registry import Registry
@@ -233,7 +232,7 @@ class InferRoute:
         """A request that failed before the dataplane saw it still gets an id and a payload-log row."""
         if request is not None and request.request_id is not None:
             return request.request_id  # the dataplane logged it
-        request_id = request_id or uuid.uuid4().hex
+        request_id = request_id or new_request_id()
         if self.dataplane.payload_log is not None:
             self.dataplane.payload_log.rejected(model, version, "v2-rest", peer(scope), request_id, exc)
         return request_id

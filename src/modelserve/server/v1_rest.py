@@ -13,7 +13,6 @@ import base64
 import binascii
 import json
 import re
-import uuid
 
 import numpy as np
 import orjson
@@ -23,7 +22,7 @@ from fastapi.responses import Response
 from modelserve.datatypes import BF16, NUMPY_OF
 from modelserve.errors import InvalidInput, ModelNotFound, Unsupported
 from modelserve.server.config import TensorConfig
-from modelserve.server.dataplane import Dataplane, InferRequest, header_value
+from modelserve.server.dataplane import Dataplane, InferRequest, header_value, new_request_id
 from modelserve.server.models import LOADING, READY, UNAVAILABLE, UNLOADING, ModelManager
 from modelserve.server.rest import peer, json_object, json_response, read_body
 
@@ -151,7 +150,7 @@ async def _predict(dataplane: Dataplane, doc: dict, model: str, version: str | N
         raise InvalidInput("Missing 'inputs' or 'instances' key")
     request = InferRequest(model, version, {}, headers=scope["headers"], protocol="v1-rest", client=peer(scope),
                            request_id=(header_value(scope["headers"], "x-request-id") or b"").decode("latin-1")
-                           or uuid.uuid4().hex)
+                           or new_request_id())
     # JSON carries no dtypes: read it against the signature of the version the dataplane's own routing
     # picks (the same one for a sticky split). Not pinned to it: infer() routes again, so a hot swap while
     # the request waits still moves it on to the successor version.

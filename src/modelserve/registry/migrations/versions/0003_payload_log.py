@@ -35,8 +35,6 @@ def upgrade() -> None:
         sa.Column("prediction", sa.JSON, nullable=True),
     )
     op.create_index("ix_payload_log_request_id", "payload_log", ["request_id"])
-    op.create_index("ix_payload_log_status", "payload_log", ["status"])
-    op.create_index("ix_payload_log_at", "payload_log", ["at"])
     op.create_index("ix_payload_log_model_at", "payload_log", ["model", "at"])
     op.create_table(
         "feedback",
