@@ -31,6 +31,9 @@ dynamic_batching:
   preferred_batch_size: [16, 64]
   max_queue_delay_microseconds: 2000
 instances: 1
+monitoring:
+  drift:
+    reference: reference.npy  # the digits it learned from: /dashboard shows how far requests drift from them
 """
 
 IMAGE_CONFIG = """\
@@ -86,6 +89,7 @@ def _build_digits(repository: Path, target: Path) -> None:
     target.write_bytes(onnx_model.SerializeToString())
     (repository / DEMO_MODEL / "config.yaml").write_text(CONFIG)
     np.save(repository / DEMO_MODEL / "sample.npy", x[:4])
+    np.save(repository / DEMO_MODEL / "reference.npy", x)
 
 
 def _build_digits_image(repository: Path, model_file: Path) -> None:
