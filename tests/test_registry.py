@@ -247,11 +247,11 @@ def test_migrations_from_empty_and_from_first_revision(db_url):
     engine.dispose()
     reg = Registry(db_url, "unused-artifacts")  # opening upgrades to head
     try:
-        assert current_revision(reg.engine) == head_revision() == "0003"
+        assert current_revision(reg.engine) == head_revision() == "0004"
         alias = reg.alias("old", "production")
         assert (alias.version, alias.canary_version, alias.canary_weight) == (1, None, 0.0)
         migrate(reg.engine)  # idempotent
-        assert current_revision(reg.engine) == "0003"
+        assert current_revision(reg.engine) == "0004"
     finally:
         reg.close()
 

@@ -249,3 +249,8 @@ app.add_typer(init_app, name="init")
 from modelserve.cli_monitor import register as register_monitor  # noqa: E402 - logs, stats, feedback
 
 register_monitor(app)
+
+from modelserve.cli_keys import audit, keys_app  # noqa: E402 - API keys and the audit log
+
+app.add_typer(keys_app, name="keys")
+app.command()(audit)

@@ -61,3 +61,21 @@ class ModelLoadError(ModelServeError):
 
     http_status = 400
     grpc_code = "INVALID_ARGUMENT"
+
+
+class Unauthenticated(ModelServeError):
+    """No credentials, or credentials that do not check out (unknown, malformed, expired, revoked key;
+    a JWT with a bad signature or claims). The message never repeats the credential itself."""
+
+    http_status = 401
+    grpc_code = "UNAUTHENTICATED"
+    #: extra response headers for the REST adapter (RFC 6750): tells the client to send a bearer token
+    headers = {"WWW-Authenticate": "Bearer"}
+
+
+class PermissionDenied(ModelServeError):
+    """The caller is known but its role or model scope does not allow this. For a model outside the
+    caller's scope the message is the same whether the model exists or not."""
+
+    http_status = 403
+    grpc_code = "PERMISSION_DENIED"
