@@ -42,12 +42,34 @@ def serve(
                                                         "--registry one, else sqlite:///modelserve-monitor/monitor.db)"),
     monitor_spill: Optional[Path] = typer.Option(None, help="File where log records wait while that database is "
                                                             "down (default modelserve-monitor/spill.jsonl)"),
+    auth: str = typer.Option("none", envvar="MODELSERVE_AUTH",
+                             help="Who may call: none, keys (API keys from 'modelserve keys create'), jwt, or keys+jwt. "
+                                  "Anything but loopback needs one (or --insecure)"),
+    keys_db: Optional[str] = typer.Option(None, envvar="MODELSERVE_KEYS_DB",
+                                          help="Database holding the API keys (default: --registry, else "
+                                               "MODELSERVE_REGISTRY_URL, else the embedded registry)"),
+    jwt_secret_file: Optional[Path] = typer.Option(None, help="JWT: file holding the HS256 secret (>= 32 bytes)"),
+    jwt_public_key: Optional[Path] = typer.Option(None, help="JWT: PEM public key (RSA -> RS256, EC P-256 -> ES256)"),
+    jwt_jwks: Optional[Path] = typer.Option(None, help="JWT: JWKS file of the identity provider (re-read on change)"),
+    jwt_audience: Optional[str] = typer.Option(None, help="JWT: required 'aud'"),
+    jwt_issuer: Optional[str] = typer.Option(None, help="JWT: required 'iss'"),
+    jwt_role_claim: str = typer.Option("role", help="JWT: claim with the role (dotted path, e.g. realm_access.roles)"),
+    jwt_models_claim: str = typer.Option("models", help="JWT: claim with the model globs (absent: every model)"),
+    metrics_auth: bool = typer.Option(True, "--metrics-auth/--no-metrics-auth", envvar="MODELSERVE_METRICS_AUTH",
+                                      help="With --auth: GET /metrics needs a credential allowed every model"),
+    insecure: bool = typer.Option(False, "--insecure", help="Allow listening beyond loopback without authentication"),
+    tls_cert: Optional[Path] = typer.Option(None, help="TLS certificate chain (PEM) for HTTP and gRPC"),
+    tls_key: Optional[Path] = typer.Option(None, help="TLS private key (PEM)"),
+    tls_client_ca: Optional[Path] = typer.Option(None, help="Mutual TLS: require client certificates signed by this "
+                                                            "CA (PEM)"),
 ):
     """Serve a model repository, or a registry alias, over KServe V2 REST and gRPC (Triton clients work unchanged).
 
     Example: modelserve serve --model-repository models --http-port 8000 --grpc-port 8001
 
     Example: modelserve serve --registry postgresql+psycopg://db/registry --artifacts s3://models --alias production
+
+    Example: modelserve serve --host 0.0.0.0 --auth keys --tls-cert server.pem --tls-key server.key
     """
     from modelserve.logs import setup_logging
     from modelserve.server.app import run
@@ -56,14 +78,22 @@ def serve(
     setup_logging(log_level)
     if model_control_mode not in ("none", "explicit", "poll"):
         raise typer.BadParameter("must be none, explicit or poll", param_hint="--model-control-mode")
+    if auth not in ("none", "keys", "jwt", "keys+jwt"):
+        raise typer.BadParameter("must be none, keys, jwt or keys+jwt", param_hint="--auth")
     run(ServerSettings(
         model_repository=model_repository, host=host, http_port=http_port, grpc_port=grpc_port,
         metrics_port=metrics_port, model_control_mode=model_control_mode, load_models=load_model or [], poll_interval_s=poll_interval,
         max_request_bytes=max_request_bytes, ort_threads=ort_threads, log_level=log_level,
         alias=alias, registry_poll_s=registry_poll, payload_log=payload_log,
+        auth=auth, jwt_role_claim=jwt_role_claim, jwt_models_claim=jwt_models_claim, metrics_auth=metrics_auth,
+        insecure=insecure,
         **{k: v for k, v in (("registry", registry), ("registry_artifacts", artifacts),
                              ("registry_cache", registry_cache), ("monitor_db", monitor_db),
-                             ("monitor_spill", monitor_spill)) if v is not None},
+                             ("monitor_spill", monitor_spill), ("keys_db", keys_db),
+                             ("jwt_secret_file", jwt_secret_file), ("jwt_public_key", jwt_public_key),
+                             ("jwt_jwks", jwt_jwks), ("jwt_audience", jwt_audience), ("jwt_issuer", jwt_issuer),
+                             ("tls_cert", tls_cert), ("tls_key", tls_key), ("tls_client_ca", tls_client_ca))
+           if v is not None},
     ))
 
 

@@ -58,6 +58,45 @@ class ServerSettings(BaseSettings):
     #: how many feedback rows per model version the quality metrics look back over
     quality_window: int = 1000
 
+    # -- security (no secret is ever a setting: secrets stay in files, settings name the files) --
+    #: who may call: none, keys (API keys in ``keys_db``), jwt (bearer JWTs), keys+jwt (either)
+    auth: Literal["none", "keys", "jwt", "keys+jwt"] = "none"
+    #: database holding the API keys (``modelserve keys create``); default: ``registry``, else the
+    #: registry settings' URL (``MODELSERVE_REGISTRY_URL``, else the embedded SQLite registry)
+    keys_db: str | None = None
+    #: seconds between reloads of changed keys (and a changed JWKS file): a revocation takes effect within it
+    auth_refresh_s: float = 2.0
+    #: JWT: exactly one key source: a file holding the HS256 secret (>= 32 bytes), a PEM public key
+    #: (RS256 / ES256), or a JWKS file (re-read when it changes)
+    jwt_secret_file: Path | None = None
+    jwt_public_key: Path | None = None
+    jwt_jwks: Path | None = None
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    #: claim holding the role (a dotted path into objects, e.g. realm_access.roles), and the model globs
+    jwt_role_claim: str = "role"
+    jwt_models_claim: str = "models"
+    #: ``GET /metrics`` (and the metrics port) needs a credential allowed every model when auth is on
+    metrics_auth: bool = True
+    #: listen beyond loopback without authentication (refused otherwise)
+    insecure: bool = False
+    #: TLS for HTTP and gRPC: certificate chain and private key (PEM files)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    #: mutual TLS: clients must present a certificate signed by this CA (PEM)
+    tls_client_ca: Path | None = None
+
+    def __repr_args__(self):  # URLs may carry a database password: never in a log line
+        for name, value in super().__repr_args__():
+            if name in ("registry", "monitor_db", "keys_db", "registry_artifacts") and isinstance(value, str):
+                from modelserve.registry.db import safe_url
+
+                value = safe_url(value)
+            yield name, value
+
+    def keys_url(self) -> str:
+        return self.keys_db or self.registry or RegistrySettings().url
+
     def monitor_url(self) -> str:
         if self.monitor_db:
             return self.monitor_db

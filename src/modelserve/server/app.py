@@ -5,8 +5,10 @@ line a script can parse::
 
     modelserve ready http=127.0.0.1:8000 grpc=127.0.0.1:8001
 
-(with ``--metrics-port``, `` metrics=127.0.0.1:9090`` follows). ``GET /metrics`` (Prometheus) is on the
-HTTP port either way.
+(with ``--metrics-port``, `` metrics=127.0.0.1:9090`` follows; with TLS `` tls=on`` or `` tls=mutual``, with
+authentication `` auth=keys`` and the like). ``GET /metrics`` (Prometheus) is on the HTTP port either way.
+Security (``server/secure.py``, ``server/access.py``): an address beyond loopback without authentication
+is refused unless ``--insecure``.
 
 SIGTERM / SIGINT: readiness turns false, both listeners stop taking new requests, in-flight
 requests finish (up to ``drain_timeout_s``), the models drain and unload, the process exits 0.
@@ -91,7 +93,21 @@ def _payload_log(settings: ServerSettings):
     return payload_log
 
 
+def _security(settings: ServerSettings):
+    """Refuse an open server beyond loopback and bad TLS/JWT files (exit 2, saying why); then the
+    ``Access`` (None: authentication off) and its key-refresher thread (``server/secure.py``)."""
+    from modelserve.server import secure
+
+    secure.check_files(settings)
+    secure.check_exposure(settings)
+    secure.check_tls(settings)
+    return secure.build_access(settings)
+
+
 async def serve(settings: ServerSettings) -> None:
+    from modelserve.server import secure
+
+    access, refresher = _security(settings)
     runtime_defaults = RuntimeOptions(intra_op_threads=settings.ort_threads) if settings.ort_threads else RuntimeOptions()
     registry = follower = None
     if settings.registry:
@@ -108,28 +124,31 @@ async def serve(settings: ServerSettings) -> None:
 
         metrics.collectors.append(QualityCollector(dataplane.payload_log.quality))
         metrics.collectors.append(DriftCollector(dataplane.payload_log.drift.attach(manager.repository)))
-    app = create_app(dataplane, settings.max_request_bytes, registry, follower, metrics)
+    app = create_app(dataplane, settings.max_request_bytes, registry, follower, metrics, access)
 
     sock = _bind(settings.host, settings.http_port)
     http_port = sock.getsockname()[1]
     http = _Uvicorn(uvicorn.Config(
         app, http="httptools", lifespan="off", access_log=False, log_level="warning",
         timeout_graceful_shutdown=int(settings.drain_timeout_s), timeout_keep_alive=30,
-        h11_max_incomplete_event_size=None,
+        h11_max_incomplete_event_size=None, **secure.uvicorn_tls(settings),
     ))
     metrics.count_connections(http)
     metrics_http, metrics_task, metrics_part = None, None, ""
     if settings.metrics_port >= 0:  # its own uvicorn on this loop: the same snapshot-then-render path as /metrics
         metrics_sock = _bind(settings.host, settings.metrics_port)
         metrics_part = f" metrics={_address(settings.host, metrics_sock.getsockname()[1])}"
-        metrics_http = _Uvicorn(uvicorn.Config(metrics.asgi, interface="asgi3", http="httptools", lifespan="off",
-                                               access_log=False, log_level="warning", timeout_graceful_shutdown=5))
+        metrics_app = access.guard_asgi(metrics.asgi) if access and settings.metrics_auth else metrics.asgi
+        metrics_http = _Uvicorn(uvicorn.Config(metrics_app, interface="asgi3", http="httptools", lifespan="off",
+                                               access_log=False, log_level="warning", timeout_graceful_shutdown=5,
+                                               **secure.uvicorn_tls(settings)))
         metrics_task = asyncio.create_task(metrics_http.serve(sockets=[metrics_sock]), name="metrics-http")
     grpc_server = health = None
     grpc_port = -1
     if settings.grpc_port >= 0:
         grpc_server, grpc_port, health = create_server(
-            dataplane, _address(settings.host, settings.grpc_port), settings.max_request_bytes)
+            dataplane, _address(settings.host, settings.grpc_port), settings.max_request_bytes, access,
+            secure.grpc_credentials(settings))
         await grpc_server.start()
         await health.set("", NOT_SERVING)
     http_task = asyncio.create_task(http.serve(sockets=[sock]), name="http")
@@ -156,7 +175,8 @@ async def serve(settings: ServerSettings) -> None:
     if health:
         await health.set("", SERVING)
     grpc_part = f" grpc={_address(settings.host, grpc_port)}" if grpc_server else ""
-    print(f"modelserve ready http={_address(settings.host, http_port)}{grpc_part}{metrics_part}", flush=True)
+    print(f"modelserve ready http={_address(settings.host, http_port)}{grpc_part}{metrics_part}"
+          f"{secure.ready_suffix(settings)}", flush=True)
 
     stopped = asyncio.create_task(stop.wait())
     await asyncio.wait([stopped, http_task], return_when=asyncio.FIRST_COMPLETED)
@@ -176,6 +196,7 @@ async def serve(settings: ServerSettings) -> None:
     if dataplane.payload_log is not None:  # every request has answered: store what the log holds
         await asyncio.to_thread(dataplane.payload_log.close, settings.drain_timeout_s)
     await manager.close()
+    secure.stop_access(access, refresher)
     if registry:
         await asyncio.to_thread(registry.close)
     log.info("stopped")

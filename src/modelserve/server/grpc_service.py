@@ -3,11 +3,16 @@
 Our messages live in the protobuf package ``modelserve.v2`` (see proto/inference.proto for why);
 the handlers are registered under Triton's service name, so clients see the usual method paths.
 Tensors arrive in ``raw_input_contents`` (or typed ``contents``) and leave in ``raw_output_contents``.
+
+Authentication and access control (when the server has them): the ``authorization`` metadata key,
+checked by ``_mapped`` for every unary RPC against ``access.GRPC_RULES`` before the handler runs (so
+before any model lookup), and for each message of ``ModelStreamInfer``. Health RPCs stay open.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 import math
@@ -19,6 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from modelserve.datatypes import NUMPY_OF, from_wire, to_wire, v2_name
 from modelserve.errors import InvalidInput, ModelServeError
+from modelserve.server.access import ANONYMOUS, Access
 from modelserve.server.dataplane import Dataplane, InferRequest, InferResponse, new_request_id
 from modelserve.server.proto import inference_pb2 as pb
 from modelserve.server.proto import model_config_pb2
@@ -35,10 +41,15 @@ _TYPED_FIELD = {
 
 
 def _mapped(method):
-    """Turn our errors into gRPC status codes, once for every unary RPC."""
+    """Check the caller (``access.GRPC_RULES``) and turn our errors into gRPC status codes, once for every
+    unary RPC. The handler finds the caller in ``self.principal()`` (for listings)."""
+    name = method.__name__
+
     @functools.wraps(method)
     async def wrapper(self, request, context: grpc.aio.ServicerContext):
         try:
+            if self.access is not None:
+                _PRINCIPAL.set(self.access.check_grpc(name, request, context))
             return await method(self, request, context)
         except ModelServeError as exc:
             await context.abort(grpc.StatusCode[exc.grpc_code], exc.message)
@@ -48,9 +59,18 @@ def _mapped(method):
     return wrapper
 
 
+_PRINCIPAL: contextvars.ContextVar = contextvars.ContextVar("modelserve_grpc_principal", default=ANONYMOUS)
+
+
 class InferenceService:
-    def __init__(self, dataplane: Dataplane):
+    def __init__(self, dataplane: Dataplane, access: Access | None = None):
         self.dataplane = dataplane
+        self.access = access
+
+    @staticmethod
+    def principal():
+        """The caller of the RPC being handled (anonymous when authentication is off)."""
+        return _PRINCIPAL.get()
 
     @_mapped
     async def ServerLive(self, request, context):
@@ -85,11 +105,16 @@ class InferenceService:
     async def ModelStatistics(self, request, context):
         _check_version(request.version)
         doc = self.dataplane.statistics(request.name, request.version or None)
+        principal = self.principal()
+        if not request.name and not principal.unrestricted:
+            doc["model_stats"] = [s for s in doc["model_stats"] if principal.allows_model(s["name"])]
         return json_format.ParseDict(doc, pb.ModelStatisticsResponse())
 
     @_mapped
     async def RepositoryIndex(self, request, context):
-        rows = self.dataplane.repository_index(request.ready)
+        rows, principal = self.dataplane.repository_index(request.ready), self.principal()
+        if not principal.unrestricted:
+            rows = [r for r in rows if principal.allows_model(r["name"])]
         return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**r) for r in rows])
 
     @_mapped
@@ -123,9 +148,17 @@ class InferenceService:
     async def ModelStreamInfer(self, requests, context):
         """Requests run concurrently; each answer (or in-stream error) carries the request's id."""
         answers: asyncio.Queue = asyncio.Queue()
+        if self.access is not None:  # no credentials at all: refuse the stream before reading it
+            metadata = context.invocation_metadata()
+            try:
+                self.access.authenticator.authenticate_metadata(metadata)
+            except ModelServeError as exc:
+                await context.abort(grpc.StatusCode[exc.grpc_code], exc.message)
 
         async def answer(request) -> None:
             try:
+                if self.access is not None:  # each message: its model, and a key revoked mid-stream
+                    self.access.check_grpc("ModelStreamInfer", request, context)
                 _check_version(request.model_version)
                 message = pb.ModelStreamInferResponse(
                     infer_response=encode_response(await self.dataplane.infer(decode_request(request, context))))
@@ -236,11 +269,13 @@ _RPCS = {
 }
 
 
-def create_server(dataplane: Dataplane, address: str, max_request_bytes: int = MAX_MESSAGE
+def create_server(dataplane: Dataplane, address: str, max_request_bytes: int = MAX_MESSAGE,
+                  access: Access | None = None, credentials: grpc.ServerCredentials | None = None,
                   ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """A gRPC server bound to ``address`` (port 0 = any free port); returns it, its port, its health servicer.
-    Messages up to ``max_request_bytes`` are accepted (grpcio's own default, 4 MiB, is too small for images)."""
-    service = InferenceService(dataplane)
+    Messages up to ``max_request_bytes`` are accepted (grpcio's own default, 4 MiB, is too small for images).
+    ``access``: authentication and access rules (None: off); ``credentials``: TLS (``grpc.ssl_server_credentials``)."""
+    service = InferenceService(dataplane, access)
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(
             getattr(service, name), request_deserializer=req.FromString, response_serializer=resp.SerializeToString)
@@ -257,7 +292,7 @@ def create_server(dataplane: Dataplane, address: str, max_request_bytes: int = M
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, handlers)])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(address)
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     return server, port, health_servicer
 
 

@@ -1,7 +1,9 @@
 """The registry's management REST API, under ``/v2/registry`` on a server that follows a registry.
 
-One ``APIRouter`` holds every route so that authentication (a later issue) is added in one place
-(``APIRouter(dependencies=[...])``). Handlers stay thin: each registry call runs in a worker thread
+Access control happens before these handlers, in ``access.py`` (read = reader, register / move an alias
+= operator, delete a version = admin, all on the model in the path); here only what needs the body:
+``force`` (moving a protected alias) or ``protect`` (changing the protection) needs an admin, and the
+listings are filtered to the caller's models. Handlers stay thin: each registry call runs in a worker thread
 (the database and the artifact store are blocking I/O), errors are the registry's ``ModelServeError``
 subclasses, which ``rest.py`` maps to 400/404/409, and every change pokes the follower so this server
 swaps at once instead of at its next poll (other servers see it at theirs).
@@ -22,6 +24,8 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 from modelserve.errors import Conflict, InvalidInput, ModelNotReady, PayloadTooLarge
 from modelserve.registry import AliasInfo, HistoryInfo, ModelDetail, ModelSummary, Registry, VersionInfo
+from modelserve.security import Action, authorize
+from modelserve.server.access import principal_of
 
 T = TypeVar("T")
 WRITE_CHUNK = 4 << 20
@@ -85,9 +89,15 @@ def registry_router(registry: Registry, on_change: Callable[[], None], max_reque
         on_change()
         return result
 
+    def protected(request: Request, name: str, force: bool, protect: bool | None = None) -> None:
+        """``force`` moves a protected alias and ``protect`` changes the protection: admin only."""
+        if force or protect is not None:
+            authorize(principal_of(request), Action.MOVE_PROTECTED_ALIAS, name)
+
     @router.get("/models", response_model=list[ModelSummary], summary="List registered models")
-    async def list_models():
-        return await call(registry.list_models)
+    async def list_models(request: Request):
+        principal = principal_of(request)
+        return [m for m in await call(registry.list_models) if principal.allows_model(m.name)]
 
     @router.get("/models/{name}", response_model=ModelDetail, summary="A model: versions, aliases, recent history")
     async def show(name: str, history_limit: int = 50):
@@ -130,27 +140,31 @@ def registry_router(registry: Registry, on_change: Callable[[], None], max_reque
 
     @router.put("/models/{name}/aliases/{alias}", response_model=AliasInfo,
                 summary="Point an alias at a version, with an optional canary (409 if protected without force)")
-    async def set_alias(name: str, alias: str, body: AliasRequest):
+    async def set_alias(request: Request, name: str, alias: str, body: AliasRequest):
+        protected(request, name, body.force, body.protect)
         return await change(registry.set_alias, name, alias, body.version, canary=body.canary, weight=body.weight,
                             sticky_header=body.sticky_header, protect=body.protect, force=body.force,
                             reason=body.reason)
 
     @router.delete("/models/{name}/aliases/{alias}", status_code=204,
                    summary="Delete an alias (servers following it unload the model)")
-    async def delete_alias(name: str, alias: str, force: bool = False, reason: str = ""):
+    async def delete_alias(request: Request, name: str, alias: str, force: bool = False, reason: str = ""):
+        protected(request, name, force)
         await change(registry.delete_alias, name, alias, force=force, reason=reason)
         return Response(status_code=204)
 
     @router.post("/models/{name}/promote", response_model=AliasInfo,
                  summary="Point the target alias at the source alias's version (staging -> production)")
-    async def promote(name: str, body: Annotated[PromoteRequest | None, Body()] = None):
+    async def promote(request: Request, name: str, body: Annotated[PromoteRequest | None, Body()] = None):
         body = body or PromoteRequest()
+        protected(request, name, body.force)
         return await change(registry.promote, name, body.source, body.target, force=body.force, reason=body.reason)
 
     @router.post("/models/{name}/rollback", response_model=AliasInfo,
                  summary="Move an alias back to the version it pointed at before its last move")
-    async def rollback(name: str, body: Annotated[RollbackRequest | None, Body()] = None):
+    async def rollback(request: Request, name: str, body: Annotated[RollbackRequest | None, Body()] = None):
         body = body or RollbackRequest()
+        protected(request, name, body.force)
         return await change(registry.rollback, name, body.alias, force=body.force, reason=body.reason)
 
     @router.get("/models/{name}/history", response_model=list[HistoryInfo], summary="The model's history, newest first")
@@ -159,8 +173,11 @@ def registry_router(registry: Registry, on_change: Callable[[], None], max_reque
 
     if status is not None:
         @router.get("/serving", summary="What this server serves from the registry (its follower's view)")
-        async def serving() -> dict:
-            return status()
+        async def serving(request: Request) -> dict:
+            doc, principal = status(), principal_of(request)
+            if not principal.unrestricted:
+                doc["models"] = {k: v for k, v in doc["models"].items() if principal.allows_model(k)}
+            return doc
 
     return router
 

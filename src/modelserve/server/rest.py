@@ -23,9 +23,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from modelserve.datatypes import NUMPY_OF, from_json, from_wire, to_json, to_wire, v2_name
 from modelserve.errors import InvalidInput, ModelServeError, PayloadTooLarge, QueueFull, Unsupported
 from modelserve.monitor.metrics import Metrics
+from modelserve.security import Action
+from modelserve.server.access import filter_names, principal_of, send_error
 from modelserve.server.dataplane import Dataplane, InferRequest, InferResponse, new_request_id
 
 if TYPE_CHECKING:
+    from modelserve.server.access import Access
     from modelserve.registry import Registry
     from modelserve.server.registry_follower import RegistryFollower
 
@@ -43,6 +46,9 @@ def error_parts(exc: ModelServeError) -> tuple[int, bytes, dict]:
     headers = {"Content-Type": "application/json"}
     if isinstance(exc, QueueFull):
         headers["Retry-After"] = str(exc.retry_after_s)
+    extra = getattr(exc, "headers", None)  # Unauthenticated: WWW-Authenticate: Bearer
+    if extra:
+        headers.update(extra)
     return exc.http_status, orjson.dumps({"error": exc.message}), headers
 
 
@@ -52,9 +58,11 @@ def error_response(exc: ModelServeError) -> Response:
 
 
 def create_app(dataplane: Dataplane, max_request_bytes: int, registry: Registry | None = None,
-               follower: RegistryFollower | None = None, metrics: Metrics | None = None) -> "InferRoute":
+               follower: RegistryFollower | None = None, metrics: Metrics | None = None,
+               access: Access | None = None) -> "InferRoute":
     """The HTTP app; with a ``registry`` (and the ``follower`` serving it) also the management API.
-    ``GET /metrics`` serves ``metrics`` (default: a ``Metrics`` of the dataplane's models)."""
+    ``GET /metrics`` serves ``metrics`` (default: a ``Metrics`` of the dataplane's models).
+    ``access``: authentication and access rules (``server/access.py``), checked in ``InferRoute``; None: off."""
     metrics = metrics or Metrics(dataplane.manager)
     app = FastAPI(title="modelserve", version=dataplane.server_metadata()["version"],
                   description="KServe V2 / Open Inference Protocol with Triton's extensions")
@@ -93,8 +101,8 @@ def create_app(dataplane: Dataplane, max_request_bytes: int, registry: Registry 
         return json_response(dataplane.server_metadata())
 
     @app.get("/v2/models")
-    async def list_models():
-        return json_response({"models": sorted(dataplane.manager.models)})
+    async def list_models(request: Request):
+        return json_response({"models": filter_names(principal_of(request), sorted(dataplane.manager.models))})
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics(request: Request):  # copied on the loop, rendered in the metrics thread
@@ -102,8 +110,8 @@ def create_app(dataplane: Dataplane, max_request_bytes: int, registry: Registry 
         return Response(body, headers={"Content-Type": content_type})
 
     @app.get("/v2/models/stats")
-    async def all_stats():
-        return json_response(dataplane.statistics())
+    async def all_stats(request: Request):
+        return json_response(filter_stats(principal_of(request), dataplane.statistics()))
 
     def versioned(path: str, method: str = "GET"):
         """Register a handler on ``/v2/models/{model}<path>`` and ``.../versions/{version}<path>``."""
@@ -136,7 +144,9 @@ def create_app(dataplane: Dataplane, max_request_bytes: int, registry: Registry 
     @app.post("/v2/repository/index")
     async def repository_index(request: Request):
         doc = json_object(await read_body(request.headers, request.stream(), max_request_bytes), allow_empty=True)
-        return json_response(dataplane.repository_index(bool(doc.get("ready", False))))
+        rows = dataplane.repository_index(bool(doc.get("ready", False)))
+        principal = principal_of(request)
+        return json_response(rows if principal.unrestricted else [r for r in rows if principal.allows_model(r["name"])])
 
     @app.post("/v2/repository/models/{model}/load")
     async def load(request: Request, model: str):
@@ -173,7 +183,14 @@ def create_app(dataplane: Dataplane, max_request_bytes: int, registry: Registry 
     from modelserve.server.dashboard import dashboard_router
 
     app.include_router(dashboard_router(dataplane, metrics))  # the /dashboard page and its /v2/dashboard document
-    return InferRoute(app, dataplane, max_request_bytes)
+    return InferRoute(app, dataplane, max_request_bytes, access)
+
+
+def filter_stats(principal, doc: dict) -> dict:
+    """A statistics document with only the caller's models."""
+    if principal.unrestricted:
+        return doc
+    return {**doc, "model_stats": [s for s in doc["model_stats"] if principal.allows_model(s["name"])]}
 
 
 class MethodNotAllowed(ModelServeError):
@@ -186,20 +203,35 @@ INFER_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([0-9]+))?/infer$")
 class InferRoute:
     """The hot path, ``POST /v2/models/{m}[/versions/{v}]/infer``, as a bare ASGI app in front of
     FastAPI: FastAPI's routing and middleware cost more CPU than the whole request otherwise
-    (profiled under perf_analyzer). Every other path goes to the FastAPI app."""
+    (profiled under perf_analyzer). Every other path goes to the FastAPI app.
 
-    def __init__(self, app: FastAPI, dataplane: Dataplane, max_request_bytes: int):
+    It is also where HTTP authentication and access control happen, for every path (``access.py``),
+    before anything else: with ``access`` None (authentication off) one attribute test."""
+
+    def __init__(self, app: FastAPI, dataplane: Dataplane, max_request_bytes: int, access: Access | None = None):
         self.app = app
         self.dataplane = dataplane
         self.limit = max_request_bytes
+        self.access = access
 
     async def __call__(self, scope, receive, send) -> None:
         match = INFER_PATH.match(scope["path"]) if scope["type"] == "http" else None
         if match is None:
+            if self.access is not None and scope["type"] == "http":
+                try:
+                    principal = self.access.check_http(scope, _authorization(scope))
+                except ModelServeError as exc:
+                    return await send_error(send, exc, error_parts)
+                scope.setdefault("state", {})["principal"] = principal
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         model, version = match.group(1), match.group(2)
         request_id = headers.get("x-request-id") or None
+        if self.access is not None:  # before the model is looked up: one 403 whether it exists or not
+            try:
+                self.access.check(headers.get("authorization"), Action.INFER, model)
+            except ModelServeError as exc:  # not the model's request: no payload-log row
+                return await send_error(send, exc, error_parts)
         request = None
         try:
             if scope["method"] != "POST":
@@ -236,6 +268,13 @@ class InferRoute:
         if self.dataplane.payload_log is not None:
             self.dataplane.payload_log.rejected(model, version, "v2-rest", peer(scope), request_id, exc)
         return request_id
+
+
+def _authorization(scope) -> str | None:
+    for key, value in scope["headers"]:
+        if key == b"authorization" or key.lower() == b"authorization":
+            return value.decode("latin-1")
+    return None
 
 
 async def _chunks(receive):

@@ -5,6 +5,7 @@ semantics answers both (KServe V1's ``instances`` -> ``predictions`` is TF's row
 ``GET /v1/models/{m}`` carries TF's ``model_version_status`` and KServe's ``name``/``ready`` together.
 JSON values become numpy arrays of the model's input datatypes, the dataplane runs them as it runs a V2
 request, and the output arrays go back as JSON. Errors are ``ModelServeError``s, mapped by ``rest.py``.
+Access control happens before these handlers (``access.py``: GET = read metadata, POST = infer).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from fastapi.responses import Response
 from modelserve.datatypes import BF16, NUMPY_OF
 from modelserve.errors import InvalidInput, ModelNotFound, Unsupported
 from modelserve.server.config import TensorConfig
+from modelserve.server.access import filter_names, principal_of
 from modelserve.server.dataplane import Dataplane, InferRequest, header_value, new_request_id
 from modelserve.server.models import LOADING, READY, UNAVAILABLE, UNLOADING, ModelManager
 from modelserve.server.rest import peer, json_object, json_response, read_body
@@ -47,8 +49,8 @@ def v1_router(dataplane: Dataplane, max_request_bytes: int) -> APIRouter:
     manager = dataplane.manager
 
     @router.get("/v1/models")
-    async def list_models():  # KServe V1 (TF Serving answers 400 here; a list harms no TF client)
-        return json_response({"models": sorted(manager.models)})
+    async def list_models(request: Request):  # KServe V1 (TF Serving answers 400 here; a list harms no TF client)
+        return json_response({"models": filter_names(principal_of(request), sorted(manager.models))})
 
     @router.api_route("/v1/models/{rest:path}", methods=["GET", "POST"], include_in_schema=False)
     async def v1_models(request: Request, rest: str):
