@@ -52,6 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
+from modelserve.errors import ModelNotReady
 from modelserve.monitor.encode import row_stats
 
 log = logging.getLogger(__name__)
@@ -508,7 +509,11 @@ class DriftCollector:
                                   "threshold", labels=labels)
         samples = GaugeMetricFamily("modelserve_drift_samples", "Rows in the drift reference and in the "
                                     "sliding window", labels=[*labels, "set"])
-        for model, versions in self.tracker.snapshot().items():
+        try:
+            snapshot = self.tracker.snapshot()
+        except ModelNotReady:  # the payload log's writer process is restarting: no values this scrape
+            snapshot = {}
+        for model, versions in snapshot.items():
             for version, d in versions.items():
                 samples.add_metric([model, version, "reference"], d["reference"]["samples"])
                 samples.add_metric([model, version, "window"], d["window"])

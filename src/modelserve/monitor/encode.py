@@ -121,7 +121,10 @@ def encode_many(records: list[dict[str, np.ndarray] | None], max_values: int) ->
             groups.setdefault((name, array.shape, array.dtype), []).append(i)
     for (name, shape, dtype), idx in groups.items():
         if len(idx) > 1 and dtype.kind in "biuf" and np.prod(shape, dtype=np.int64) > 0:
-            flat = np.stack([records[i][name] for i in idx]).reshape(len(idx), -1)
+            arrays = [records[i][name] for i in idx]
+            # same shapes: joined along axis 0, each record's values are one contiguous row (np.stack's
+            # per-array Python work is the writer's hot spot)
+            flat = (np.concatenate(arrays) if len(shape) else np.stack(arrays)).reshape(len(idx), -1)
             if flat.shape[1] <= max_values:
                 for i, values in zip(idx, flat.reshape(len(idx), *shape).tolist()):
                     out[i][name] = values

@@ -4,10 +4,25 @@ The request path calls ``done`` / ``failed`` / ``rejected``: a sampling decision
 ``deque.append`` of a tuple holding references to the request's arrays (they are not mutated after
 the answer). No I/O, no lock, no await.
 
-A writer thread wakes every ``interval_s`` (sooner once ``batch_size`` records wait), encodes the
-records (values or summaries, ``encode.py``; the prediction for feedback; input statistics for drift,
-``drift.py``) and stores them: one bulk INSERT in one transaction, run on a single database thread so
-that rows reach the database in order.
+The process split. Encoding and storing run in a separate *writer process* (``writer.py``, started with
+``python -m modelserve.monitor.writer``: a fresh interpreter, never a fork of the threaded server), because
+their Python work held the GIL the event loop needs (every syscall of the loop then waited for it: the log
+cost 36-54 % of a tiny model's throughput in-process). Here a *shipper* thread wakes every ``interval_s``
+(sooner once ``batch_size`` records wait), gives each record a unique ``uid`` (a per-process prefix and a
+counter), packs the records (per model version one tuple of columns, the arrays of the same names, dtypes
+and row shapes joined into one, each config object pickled once and then named by a small key) and sends
+them as one pickled message over a socketpair (the joined arrays out of band, not copied into the
+pickle): about 2-4 µs per record of this process's time. The writer
+process encodes the records (values or summaries, ``encode.py``; the prediction for feedback; input
+statistics for drift, ``drift.py``) and stores them: one bulk INSERT in one transaction, run on a single
+database thread so that rows reach the database in order. ``quality`` and ``drift`` here are proxies: their
+calls (from threads, never the event loop) run in the writer process over a second connection, so
+``quality.add`` stays atomic (409 on double feedback). The shipper keeps every batch until the writer
+acknowledges that its rows are in the database or fsync'ed in the spill file; when the writer process dies,
+the shipper logs it, starts a new one and sends it the unacknowledged batches again (their rows keep their
+``uid``: a row stored twice is skipped). Predictions waiting for feedback and drift windows of a dead
+writer are lost (feedback then joins through the database; the quality windows are refilled from it).
+
 When the database fails, or does not answer within ``write_timeout_s``, the batch is appended to
 the spill file (``spill.py``, fsync'ed) instead, and every later batch follows it there until the
 database thread has replayed the file; so memory stays bounded by what arrives in one cycle, whatever
@@ -15,24 +30,31 @@ the database does, and order is kept. Rows carry a unique ``uid`` and inserts sk
 a batch that timed out but committed late, or a replay cut short by a crash, is never stored twice.
 
 Guarantee: a record is in the database, or on disk in the spill file, within one cycle of its
-request's answer (``interval_s`` + ``write_timeout_s``). SIGTERM drains: ``close()`` stores everything
-it holds. ``kill -9`` loses at most the records of that last cycle; the spill file survives it and is
-replayed at the next start. The only other loss: the database down *and* the spill file unwritable
-(disk full) for longer than ``max_buffer`` records, counted in ``dropped`` and logged.
+request's answer (``interval_s`` + ``write_timeout_s``, plus the hop to the writer process). SIGTERM
+drains: ``close()`` ships everything it holds, the writer stores it and exits. ``kill -9`` of the server
+loses at most the records not yet shipped (that last cycle): the writer process sees its connections
+close, stores what it received (database or spill file) and exits; the spill file survives and is
+replayed at the next start. The writer process dying alone loses nothing that was shipped (see above).
+The only other loss: the database down *and* the spill file unwritable (disk full) for longer than
+``max_buffer`` records, counted in ``dropped`` and logged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import os
+import pickle
 import random
+import subprocess
+import sys
 import threading
 import time
 import uuid
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import OrderedDict, deque
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +64,6 @@ from modelserve.errors import ModelNotReady, ModelServeError
 from modelserve.monitor.drift import DriftTracker
 from modelserve.monitor.encode import encode_all, encode_many, prediction
 from modelserve.monitor.quality import QualityTracker
-from modelserve.monitor.spill import SpillFile
 from modelserve.server.config import Monitoring
 
 log = logging.getLogger(__name__)
@@ -142,36 +163,153 @@ def _encode_group(group: list[tuple], config) -> tuple[list[tuple], list[tuple]]
     return list(zip(enc_in, enc_out, preds)), observed
 
 
+def _pack_tensors(tensors: tuple) -> tuple:
+    """One tensor dict (or None) per record -> ``("c", {name: (joined, rows per record)})`` when every record
+    has the same names in the same order and, per name, one dtype and row shape (one array per name to
+    pickle, not one per record); else ``("l", tensors)``."""
+    first = tensors[0]
+    if first:
+        try:
+            names = tuple(first)
+            if all(t is not None and tuple(t) == names for t in tensors):
+                out = {}
+                for name in names:
+                    arrays = [t[name] for t in tensors]
+                    if len({a.dtype for a in arrays}) != 1:
+                        return "l", tensors
+                    out[name] = (np.concatenate(arrays), [len(a) for a in arrays])
+                return "c", out
+        except (ValueError, TypeError, AttributeError):  # 0-d arrays, other row shapes, not arrays
+            pass
+    return "l", tensors
+
+
+def _frames(message) -> list:
+    """A message as frames to send: its pickle, then the buffers of its contiguous arrays (out of band: not
+    copied into the pickle; the socket write copies them with the GIL released)."""
+    buffers: list = []
+    head = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
+    return [len(buffers).to_bytes(4, "little") + head, *(b.raw() for b in buffers)]
+
+
+def send_frames(conn, frames: list) -> None:
+    for frame in frames:
+        conn.send_bytes(frame)
+
+
+def recv_message(conn):
+    """The message ``send_frames(conn, _frames(message))`` sent."""
+    first = conn.recv_bytes()
+    count = int.from_bytes(first[:4], "little")
+    buffers = [conn.recv_bytes() for _ in range(count)]
+    return pickle.loads(memoryview(first)[4:], buffers=buffers)
+
+
+class _SpillInfo:
+    """Where the writer process spills (``path``: the file it locked, known once it has started)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+
+class _Child:
+    """One writer process and its two connections."""
+
+    def __init__(self, proc: subprocess.Popen, data, control):
+        self.proc, self.data, self.control = proc, data, control
+        self.pending: dict = {}
+        self.send_lock = threading.Lock()
+        self.dead = False
+        self.reader: threading.Thread | None = None
+
+    def alive(self) -> bool:
+        return not self.dead and self.proc.poll() is None
+
+
+class _QualityProxy:
+    """``QualityTracker``'s readers and ``add``, answered by the writer process (blocking: call from a thread)."""
+
+    def __init__(self, owner: PayloadLog, window: int):
+        self._owner, self.window = owner, window
+
+    def lookup(self, request_id: str):
+        return self._owner._call("lookup", request_id)
+
+    def given(self, request_id: str) -> bool:
+        return self._owner._call("given", request_id)
+
+    def add(self, request_id: str, model: str, version: str | None, prediction: dict, truth) -> dict:
+        return self._owner._call("add", request_id, model, version, prediction, truth)
+
+    def snapshot(self, model: str | None = None) -> dict:
+        return self._owner._call("quality_snapshot", model)
+
+
+class _DriftProxy:
+    """``DriftTracker``'s readers, answered by the writer process (blocking: call from a thread)."""
+
+    def __init__(self, owner: PayloadLog, repository: Path | None):
+        self._owner, self.repository = owner, repository
+
+    def attach(self, repository: Path) -> _DriftProxy:
+        self.repository = Path(repository)
+        try:
+            self._owner._call("attach", str(self.repository))
+        except ModelNotReady:  # not started (or restarting): the next writer gets it with its options
+            pass
+        return self
+
+    def snapshot(self, model: str | None = None) -> dict:
+        return self._owner._call("drift_snapshot", model)
+
+    def reset(self, model: str, version: str | None = None) -> list[str]:
+        return self._owner._call("drift_reset", model, version)
+
+
 class PayloadLog:
     def __init__(self, url: str, spill_path: Path, *, interval_s: float = 0.25, batch_size: int = 2000,
                  write_timeout_s: float = 2.0, retry_s: float = 1.0, max_buffer: int = 200_000,
                  quality: QualityTracker | None = None, drift: DriftTracker | None = None):
         self.url = url
-        self.spill = SpillFile(spill_path)
-        self.quality = quality or QualityTracker()
-        #: input drift, fed here from the logged successful requests (sampled ones only; see drift.py)
-        self.drift = drift or DriftTracker()
+        self.spill = _SpillInfo(spill_path)
+        quality = quality or QualityTracker()
+        self._quality_options = {"quality_window": quality.window, "quality_remember": quality.capacity}
+        self.quality = _QualityProxy(self, quality.window)
+        #: input drift, computed in the writer process from the logged successful requests (see drift.py)
+        self.drift = _DriftProxy(self, drift.repository if drift is not None else None)
         self.interval_s, self.batch_size = interval_s, batch_size
         self.write_timeout_s, self.retry_s, self.max_buffer = write_timeout_s, retry_s, max_buffer
         self._buf: deque = deque()
-        self._statements: dict[int, str] = {}  # rows -> the INSERT of that many payload rows
         #: row keys: a random per-process prefix and a counter (unique across processes and restarts)
         self._uid_prefix, self._uid = uuid.uuid4().hex[:16], 0
-        self._held: list[dict] = []  # encoded rows neither the database nor the disk took (rare)
-        self._seq_in = self._seq_seen = self._seq_done = 0
+        self._seq_in = 0
+        self._shipped = self._seen_records = self._done_records = 0
+        self._batch = 0
+        self._unacked: OrderedDict[int, tuple[int, int, list]] = OrderedDict()  # batch -> (end, records, frames)
+        self._unseen: deque = deque()  # (batch, end) shipped, not yet encoded
+        self._lock = threading.Lock()
+        self._configs: dict[int, tuple[int, object]] = {}  # id(config) -> (key, config); kept, so ids stay unique
+        self._config_keys: dict[int, object] = {}
+        self._call_ids = itertools.count(1)
+        self._child: _Child | None = None
+        self._restart_at = 0.0
+        self.restarts = 0
+        self._connected = False
+        self._first_state = threading.Event()
         self._engine = None
-        self._db = ThreadPoolExecutor(1, thread_name_prefix="payload-db")
-        self._job: Future | None = None
-        self._retry_at = 0.0
+        self._engine_lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="payload-log", daemon=True)
-        self.written = self.dropped = 0
+        self.dropped = 0
         self.db_error: str | None = None
 
-    def start(self) -> None:
-        self._job = self._db.submit(self._connect)  # connect (and migrate) before the first records arrive
+    def start(self, connect_timeout_s: float = 10.0) -> None:
+        """Start the writer process and the shipper; wait (at most ``connect_timeout_s``) for the writer's
+        first connection attempt (connect, migrate), so that the API can read the database from the start."""
+        self._spawn()
         self._thread.start()
+        self._first_state.wait(connect_timeout_s)
 
     # -- the request path: append only -------------------------------------------------------
 
@@ -205,223 +343,220 @@ class PayloadLog:
         if len(self._buf) >= self.batch_size and not self._wake.is_set():
             self._wake.set()
 
-    # -- the writer thread -------------------------------------------------------------------
+    # -- the writer process ------------------------------------------------------------------
+
+    def _spawn(self) -> None:
+        from multiprocessing import Pipe
+
+        data, data_child = Pipe()
+        control, control_child = Pipe()
+        fds = (data_child.fileno(), control_child.fileno())
+        package_root = str(Path(__file__).resolve().parents[2])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "modelserve.monitor.writer", *map(str, fds)],
+                                    pass_fds=fds, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env)
+        finally:
+            data_child.close()
+            control_child.close()
+        child = _Child(proc, data, control)
+        hello: Future = Future()
+        child.pending[0] = hello
+        control.send_bytes(pickle.dumps({
+            "url": self.url, "spill_path": str(self.spill.path), "uid_prefix": self._uid_prefix,
+            "interval_s": self.interval_s, "batch_size": self.batch_size, "write_timeout_s": self.write_timeout_s,
+            "retry_s": self.retry_s, "max_buffer": self.max_buffer, **self._quality_options,
+            "repository": str(self.drift.repository) if self.drift.repository is not None else None,
+            "log_level": logging.getLogger().getEffectiveLevel()}))
+        child.reader = threading.Thread(target=self._read, args=(child,), name="payload-log-acks", daemon=True)
+        child.reader.start()
+        self._child = child
+        try:
+            self.spill.path = Path(hello.result(60)["spill"])
+        except Exception as exc:  # noqa: BLE001 - it did not start: the shipper tries again
+            log.error("payload log: the writer process did not start (%s)", exc)
+            child.dead = True
+
+    def _read(self, child: _Child) -> None:
+        """The writer's answers: progress on the data connection, call results on the control one."""
+        from multiprocessing.connection import wait
+
+        conns = [child.data, child.control]
+        while conns:
+            for conn in wait(conns):
+                try:
+                    data = conn.recv_bytes()
+                except (EOFError, OSError):
+                    conns.remove(conn)
+                    continue
+                try:
+                    message = pickle.loads(data)
+                    if conn is child.data:
+                        self._progress(*message[1:])
+                    else:
+                        call_id, ok, value = message
+                        future = child.pending.pop(call_id, None)
+                        if future is not None and not future.done():
+                            future.set_result(value) if ok else future.set_exception(value)
+                except Exception:  # noqa: BLE001 - an answer we cannot read must not stop the acks
+                    log.exception("payload log: unreadable message from the writer process")
+        child.dead = True
+        for call_id in list(child.pending):
+            future = child.pending.pop(call_id, None)
+            if future is not None and not future.done():
+                future.set_exception(ModelNotReady("the payload log's writer process stopped"))
+        self._wake.set()
+
+    def _progress(self, seen: int, stored: int, connected: bool, db_error: str | None) -> None:
+        with self._lock:
+            while self._unseen and self._unseen[0][0] <= seen:
+                self._seen_records = max(self._seen_records, self._unseen.popleft()[1])
+            while self._unacked and next(iter(self._unacked)) <= stored:
+                end = self._unacked.popitem(last=False)[1][0]
+                self._done_records = max(self._done_records, end)
+        self._connected, self.db_error = connected, db_error
+        if connected or db_error:
+            self._first_state.set()
+
+    def _call(self, name: str, *args, timeout_s: float = 30.0):
+        """Run ``name`` in the writer process; its exception (Conflict, InvalidInput, ...) is raised here."""
+        child = self._child
+        if child is None or not child.alive():
+            raise ModelNotReady("the payload log's writer process is not running (restarting)")
+        call_id = next(self._call_ids)
+        future: Future = Future()
+        child.pending[call_id] = future
+        try:
+            with child.send_lock:
+                child.control.send_bytes(pickle.dumps((call_id, name, args)))
+            if child.dead:
+                raise OSError("stopped")
+            return future.result(timeout_s)
+        except (OSError, FutureTimeout):
+            raise ModelNotReady("the payload log's writer process did not answer") from None
+        finally:
+            child.pending.pop(call_id, None)
+
+    # -- the shipper thread ------------------------------------------------------------------
 
     def _run(self) -> None:
-        deadline = None
         while True:
             self._wake.wait(self.interval_s)
             self._wake.clear()
             stopping = self._stopping
             try:
                 self._cycle()
-            except Exception:  # noqa: BLE001 - the writer must outlive any one bad batch
-                log.exception("payload log writer")
-            if stopping:
-                deadline = deadline or time.monotonic() + 10
-                if not self._buf and (not self._held or time.monotonic() > deadline):
-                    return
+            except Exception:  # noqa: BLE001 - the shipper must outlive any one bad batch
+                log.exception("payload log shipper")
+            if stopping and not self._buf:
+                return
 
     def _cycle(self) -> None:
-        self._reap()
-        if self._held:
-            rows, self._held = self._held, []
-            self._store(rows)
+        child = self._child
+        if child is None or not child.alive():
+            if time.monotonic() < self._restart_at:
+                return  # the records wait in the buffer
+            self._restart()
         while self._buf:
-            records = [self._buf.popleft() for _ in range(min(len(self._buf), self.batch_size))]
-            rows = self._encode(records)
-            self._seq_seen += len(records)
-            self._store(rows)
-            self._seq_done += len(records)
-        self._reap()
-        if self._job is None and time.monotonic() >= self._retry_at:
-            if self._engine is None:
-                self._job = self._db.submit(self._connect)
-            elif self.spill.pending():
-                self._job = self._db.submit(self._replay)
+            self._ship([self._buf.popleft() for _ in range(min(len(self._buf), self.batch_size))])
 
-    def _encode(self, records: list[tuple]) -> list[dict]:
-        """Records -> rows. Requests to one model version are encoded together: one numpy pass per
-        tensor name for the values or summaries, one for the predictions and one for drift, so the
-        thread's time (and the GIL it takes from the event loop) grows per cycle, not per record."""
-        groups: dict[tuple, list[int]] = {}
+    def _restart(self) -> None:
+        """A new writer process; the batches the dead one had not stored are sent to it again (their rows
+        keep their uid: a row the dead one stored is skipped, never doubled)."""
+        self._restart_at = time.monotonic() + 1.0
+        old = self._child
+        code = old.proc.poll() if old is not None else None
+        with self._lock:
+            pending = list(self._unacked.values())
+        log.error("payload log: the writer process stopped (exit code %s); starting a new one and sending it "
+                  "the %d records it had not stored", code, sum(n for _, n, _ in pending))
+        if old is not None:
+            if old.reader is not None:
+                old.reader.join(5)
+            for conn in (old.data, old.control):
+                conn.close()
+        self.restarts += 1
+        self._spawn()
+        child = self._child
+        if not child.alive():
+            return
+        try:
+            send_frames(child.data, _frames(("c", dict(self._config_keys))))
+            for _, _, frames in pending:
+                send_frames(child.data, frames)
+        except OSError:
+            pass
+
+    def _config_key(self, config, new: dict) -> int | None:
+        if config is None:
+            return None
+        entry = self._configs.get(id(config))
+        if entry is None or entry[1] is not config:
+            entry = self._configs[id(config)] = (len(self._config_keys) + 1, config)
+            self._config_keys[entry[0]] = config
+            new[entry[0]] = config
+        return entry[0]
+
+    def _pack(self, records: list[tuple]) -> tuple[list, dict, list]:
+        """Records -> (feedback rows with their place, new configs, groups): per model version one tuple of
+        columns, arrays joined (``_pack_tensors``), configs as small keys (each object pickled once)."""
+        feedback, groups = [], {}
         for i, record in enumerate(records):
             if record[0] == "p":
-                groups.setdefault((id(record[12]), record[3], record[4]), []).append(i)
-        encoded, observed = {}, []
-        for idx in groups.values():
-            group = [records[i] for i in idx]
-            config = group[0][12]
-            try:
-                parts, seen = _encode_group(group, config)
-            except Exception:  # noqa: BLE001 - one record we cannot encode must not cost its neighbours
-                parts, seen = [_encode_one(r, config) for r in group], []
-            encoded.update(zip(idx, parts))
-            observed += seen
-        rows, remembered = [], []
-        for i, record in enumerate(records):
-            if record[0] == "f":
-                rows.append(record[1])
-                continue
-            _, at, rid, model, version, protocol, client, status, error, latency_ns, _, _, _ = record
-            enc_in, enc_out, pred = encoded[i]
-            self._uid += 1
-            rows.append({"_t": "p", "uid": f"{self._uid_prefix}{self._uid:x}", "request_id": rid[:200],
-                         "model": model[:200], "version": version[:40] if version else None,
-                         "protocol": protocol[:20], "status": status, "error": error, "latency_ms": latency_ns / 1e6,
-                         "client": client[:200] if client else None, "at": at, "inputs": enc_in,
-                         "outputs": enc_out, "prediction": pred})
-            if pred is not None:
-                remembered.append((rid, model, version, pred))
-        self.quality.remember(remembered)
+                key = (id(record[12]), record[3], record[4])
+                group = groups.get(key)
+                if group is None:
+                    group = groups[key] = []
+                group.append(i)
+            else:
+                feedback.append((i, record[1]))
+        new, packed = {}, []
+        for (_, model, version), idx in groups.items():
+            group = records if len(idx) == len(records) else [records[i] for i in idx]
+            cols = list(zip(*group))
+            packed.append((self._config_key(group[0][12], new), model, version, idx, cols[1], cols[2], cols[5],
+                           cols[6], cols[7], cols[8], cols[9], _pack_tensors(cols[10]), _pack_tensors(cols[11])))
+        return feedback, new, packed
+
+    def _ship(self, records: list[tuple]) -> None:
+        feedback, configs, groups = self._pack(records)
+        self._batch += 1
+        data = _frames(("b", self._batch, self._uid, len(records), configs, feedback, groups))
+        self._uid += len(records)
+        self._shipped += len(records)
+        with self._lock:
+            self._unacked[self._batch] = (self._shipped, len(records), data)
+            self._unseen.append((self._batch, self._shipped))
+            waiting = self._shipped - self._done_records
+        if waiting > self.max_buffer and not self._warned_backlog:
+            self._warned_backlog = True
+            log.warning("payload log: %d records shipped and not yet stored by the writer process", waiting)
         try:
-            self.drift.observe(observed)
-        except Exception:  # noqa: BLE001 - drift must never cost a row
-            log.exception("payload log: drift statistics")
-        return rows
+            send_frames(self._child.data, data)
+        except OSError:  # it died: the batch goes to its successor
+            pass
 
-    def _store(self, rows: list[dict]) -> None:
-        """Into the database when it is there and nothing waits in the spill file; else onto the spill file."""
-        if (self._job is None and self._engine is not None and not self.spill.pending()
-                and time.monotonic() >= self._retry_at):
-            job = self._db.submit(self._insert, rows)
-            try:
-                job.result(timeout=self.write_timeout_s)
-                return
-            except FutureTimeout:  # still running: spill the rows too; the replay skips those it commits
-                self._job = job
-                log.warning("payload log: the database took over %.1fs; spilling to %s", self.write_timeout_s,
-                            self.spill.path)
-            except Exception as exc:  # noqa: BLE001
-                self._failed(exc)
-        try:
-            self.spill.append(rows)
-        except OSError as exc:
-            self._held.extend(rows)
-            if len(self._held) > self.max_buffer:
-                lost = len(self._held) - self.max_buffer
-                del self._held[:lost]
-                self.dropped += lost
-                log.error("payload log: database and spill file %s both fail (%s); dropped %d records",
-                          self.spill.path, exc, lost)
-
-    def _reap(self) -> None:
-        job = self._job
-        if job is None or not job.done():
-            return
-        self._job = None
-        if job.exception() is not None:
-            self._failed(job.exception())
-        elif self.db_error is not None:
-            log.info("payload log: the database is back")
-            self.db_error = None
-
-    def _failed(self, exc: BaseException) -> None:
-        if self.db_error is None:
-            log.warning("payload log: database unavailable (%s); spilling to %s until it is back",
-                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__, self.spill.path)
-        self.db_error = str(exc) or type(exc).__name__
-        self._retry_at = time.monotonic() + self.retry_s
-
-    # -- the database thread -----------------------------------------------------------------
-
-    def _connect(self) -> None:
-        logging.getLogger("alembic").setLevel(logging.WARNING)  # its info lines say nothing to an operator
-        from sqlalchemy import select
-
-        from modelserve.monitor.schema import FeedbackRecord, PayloadRecord
-        from modelserve.registry.db import migrate
-
-        engine = monitor_engine(self.url)
-        try:
-            migrate(engine)
-            feedback = FeedbackRecord.__table__
-            with engine.connect() as conn:  # refill the quality windows from the stored feedback
-                stored = conn.execute(select(feedback.c.request_id, feedback.c.model, feedback.c.version,
-                                             feedback.c.prediction, feedback.c.ground_truth)
-                                      .order_by(feedback.c.id.desc()).limit(self.quality.window * 20)).all()
-        except BaseException:
-            engine.dispose()
-            raise
-        self.quality.restore([tuple(r) for r in reversed(stored) if r.prediction])
-        self._payload_insert = _insert_skipping_duplicates(engine, PayloadRecord.__table__)
-        self._feedback_insert = _insert_skipping_duplicates(engine, feedback)
-        self._engine = engine
-
-    def _insert(self, rows: list[dict]) -> None:
-        payload, feedback = [], []
-        for row in rows:
-            row = dict(row)
-            (feedback if row.pop("_t", "p") == "f" else payload).append(row)
-            row["at"] = datetime.fromtimestamp(row["at"], UTC)
-        from sqlalchemy.exc import DataError, IntegrityError
-
-        try:
-            with self._engine.begin() as conn:
-                for start in range(0, len(payload), CHUNK_ROWS):
-                    chunk = payload[start:start + CHUNK_ROWS]
-                    conn.exec_driver_sql(self._rows_statement(len(chunk)), self._row_params(chunk))
-                if feedback:
-                    conn.execute(self._feedback_insert, feedback)
-        except (DataError, IntegrityError):  # one row the database refuses must not block the rest forever
-            for statement, row in [(self._payload_insert, r) for r in payload] + \
-                                  [(self._feedback_insert, r) for r in feedback]:
-                try:
-                    with self._engine.begin() as conn:
-                        conn.execute(statement, [row])
-                except (DataError, IntegrityError) as exc:
-                    self.dropped += 1
-                    log.error("payload log: the database refuses a row (request %s): %s",
-                              row.get("request_id"), str(exc).splitlines()[0])
-        self.written += len(payload)
-
-    def _rows_statement(self, count: int) -> str:
-        """One INSERT of ``count`` payload rows: the database takes a chunk in one statement (one GIL
-        release and re-take by the driver, not one per row, and no per-row work in SQLAlchemy)."""
-        statement = self._statements.get(count)
-        if statement is None:
-            mark = "?" if self._engine.dialect.paramstyle == "qmark" else "%s"
-            one = "(" + ", ".join([mark] * len(PAYLOAD_COLUMNS)) + ")"
-            statement = (f"INSERT INTO payload_log ({', '.join(PAYLOAD_COLUMNS)}) VALUES "
-                         f"{', '.join([one] * count)} ON CONFLICT (uid) DO NOTHING")
-            self._statements[count] = statement
-        return statement
-
-    def _row_params(self, rows: list[dict]) -> tuple:
-        """The rows' values, flat, as the driver takes them: JSON as text (orjson), ``at`` as SQLAlchemy
-        stores it (SQLite: naive UTC text; elsewhere the datetime)."""
-        sqlite = self._engine.dialect.name == "sqlite"
-        params: list = []
-        for row in rows:
-            at = row["at"]
-            params += (row["uid"], row["request_id"], row["model"], row["version"], row["protocol"], row["status"],
-                       row["error"], row["latency_ms"], row["client"],
-                       at.replace(tzinfo=None).isoformat(" ", "microseconds") if sqlite else at,
-                       *(None if row[c] is None else _dumps(row[c]) for c in ("inputs", "outputs", "prediction")))
-        return tuple(params)
-
-    def _replay(self) -> None:
-        while True:
-            rows, end = self.spill.read(self.batch_size)
-            if rows:
-                self._insert(rows)
-            self.spill.consumed(end, len(rows))
-            if not rows:
-                return
+    _warned_backlog = False
 
     # -- waiting, reading, closing (never called on the request path) ----------------------
 
     @property
     def engine(self):
+        """An engine on the monitor database (for the API's reads), once the writer has connected and migrated."""
         if self._engine is None:
-            raise ModelNotReady(f"the monitor database is not available ({self.db_error or 'connecting'})")
+            if not self._connected:
+                raise ModelNotReady(f"the monitor database is not available ({self.db_error or 'connecting'})")
+            with self._engine_lock:
+                if self._engine is None:
+                    self._engine = monitor_engine(self.url)
         return self._engine
 
     async def sync(self, timeout_s: float = 5.0) -> None:
         """Wait until the records appended so far are encoded (their predictions joinable)."""
         target = self._seq_in
         deadline = time.monotonic() + timeout_s
-        while self._seq_seen < target and time.monotonic() < deadline:
+        while self._seen_records < target and time.monotonic() < deadline:
             self._wake.set()
             await asyncio.sleep(0.005)
 
@@ -429,36 +564,71 @@ class PayloadLog:
         """Wait until the records appended so far are in the database (or ``timeout_s`` passes)."""
         target = self._seq_in
         deadline = time.monotonic() + timeout_s
-        while not (done := self._flushed(target)) and time.monotonic() < deadline:
+        done = False
+        while True:
             self._wake.set()
+            if self._done_records >= target:
+                try:
+                    done = (await asyncio.to_thread(self._call, "status", timeout_s=5.0))["clean"]
+                except ModelNotReady:
+                    done = False
+            if done or time.monotonic() >= deadline:
+                break
             await asyncio.sleep(0.01)
-        return {"flushed": done, **self.status()}
-
-    def _flushed(self, target: int) -> bool:
-        return (self._seq_done >= target and not self._held and self._job is None
-                and self._engine is not None and not self.spill.pending())
+        return {"flushed": done, **await asyncio.to_thread(self.status)}
 
     def status(self) -> dict:
-        return {"buffered": len(self._buf), "spill_bytes": self.spill.pending(), "spilled": self.spill.appended,
-                "replayed": self.spill.replayed, "written": self.written, "dropped": self.dropped,
-                "database_error": self.db_error}
+        """The counters (a call into the writer process: call from a thread)."""
+        try:
+            child = self._call("status", timeout_s=5.0)
+        except ModelNotReady as exc:
+            child = {"buffered": 0, "spill_bytes": None, "spilled": None, "replayed": None, "written": None,
+                     "dropped": 0, "database_error": str(exc)}
+        with self._lock:
+            unstored = self._shipped - self._done_records
+        return {"buffered": len(self._buf) + max(unstored, child["buffered"]), "spill_bytes": child["spill_bytes"],
+                "spilled": child["spilled"], "replayed": child["replayed"], "written": child["written"],
+                "dropped": child["dropped"] + self.dropped, "database_error": child["database_error"],
+                "writer_restarts": self.restarts}
 
     def close(self, timeout_s: float = 30.0) -> None:
-        """Store everything held (SIGTERM drain): into the database, or the spill file for the next start."""
+        """Store everything held (SIGTERM drain): ship what is buffered, let the writer process store it
+        (the database, or the spill file for the next start), wait for it to exit."""
         deadline = time.monotonic() + timeout_s
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout_s)
-        try:
-            if self._job is not None:
-                self._job.result(max(0.1, deadline - time.monotonic()))
-            if self._engine is not None and self.spill.pending() and self.db_error is None:
-                self._db.submit(self._replay).result(max(0.1, deadline - time.monotonic()))
-        except Exception as exc:  # noqa: BLE001 - what is left stays in the spill file
-            log.warning("payload log: %d bytes stay in %s for the next start (%s)",
-                        self.spill.pending(), self.spill.path, exc)
-        self._db.shutdown(wait=False, cancel_futures=True)
-        self.spill.close()
+        child = self._child
+        if child is None or not child.alive():
+            try:
+                self._restart()
+            except Exception:  # noqa: BLE001
+                log.exception("payload log: cannot restart the writer process to drain")
+            child = self._child
+        closed: Future = Future()
+        if child is not None:
+            child.pending["closed"] = closed
+            try:
+                send_frames(child.data, _frames(("e",)))
+                with child.send_lock:
+                    child.control.send_bytes(pickle.dumps((-1, "close", (max(1.0, deadline - time.monotonic()),))))
+                closed.result(max(1.0, deadline - time.monotonic()) + 5)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("payload log: the writer process did not drain (%s)", exc)
+            try:
+                child.proc.wait(max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.error("payload log: the writer process did not exit; killing it")
+                child.proc.kill()
+                child.proc.wait()
+            if child.reader is not None:
+                child.reader.join(5)
+            for conn in (child.data, child.control):
+                conn.close()
+        with self._lock:
+            lost = self._shipped - self._done_records
+        if lost > 0:
+            log.error("payload log: %d records were not stored at close", lost)
         if self._engine is not None:
             self._engine.dispose()
 

@@ -1,7 +1,8 @@
 """Feedback and quality: ground truth joined with logged predictions, scored per model version.
 
-The payload log's writer thread hands every logged prediction to ``QualityTracker.remember`` (a
-bounded LRU keyed by request id), so feedback for a recent request is joined in memory; older ones
+The payload log's writer (in its writer process, ``writer.py``) hands every logged prediction to
+``QualityTracker.remember`` (a bounded LRU keyed by request id), so feedback for a recent request is
+joined in memory (the server's ``PayloadLog.quality`` is a proxy calling into that process); older ones
 are looked up in the database by the API. Each model version keeps a sliding window of its last
 ``window`` scored rows: classification gives accuracy, per-class precision/recall/F1 and the
 confusion matrix; regression gives MAE and RMSE. ``snapshot()`` returns plain dicts for the API and
@@ -17,7 +18,7 @@ import math
 import threading
 from collections import OrderedDict, deque
 
-from modelserve.errors import Conflict, InvalidInput
+from modelserve.errors import Conflict, InvalidInput, ModelNotReady
 
 
 def _key(value) -> str:
@@ -189,7 +190,11 @@ class QualityCollector:
             ("feedback_samples", "Feedback rows in the sliding window"))}
         per_class = {name: GaugeMetricFamily(f"modelserve_class_{name}", f"Per-class {name} over the window",
                                              labels=[*labels, "class"]) for name in ("precision", "recall", "f1")}
-        for model, versions in self.tracker.snapshot().items():
+        try:
+            snapshot = self.tracker.snapshot()
+        except ModelNotReady:  # the payload log's writer process is restarting: no values this scrape
+            snapshot = {}
+        for model, versions in snapshot.items():
             for version, m in versions.items():
                 families["feedback_samples"].add_metric([model, version], m["samples"])
                 for name in ("accuracy", "macro_f1", "mae", "rmse"):

@@ -11,7 +11,8 @@
   alert, per-feature PSI/KS; see ``modelserve.monitor.drift``); ``POST /v2/models/{m}/drift/reset
   [?version=]``: the next logged requests become the new reference.
 
-None of this is on the inference path; database calls run in threads.
+None of this is on the inference path; database calls, and calls into the payload log's writer process
+(quality, drift, status), run in threads.
 """
 
 from __future__ import annotations
@@ -45,10 +46,10 @@ def monitor_router(dataplane: Dataplane, max_request_bytes: int) -> APIRouter:
             raise InvalidInput("feedback needs a 'request_id' (the x-request-id the inference answered with)")
         if "ground_truth" not in item or truth is None:
             raise InvalidInput("feedback needs a 'ground_truth'")
-        found = plog.quality.lookup(request_id)
+        found = await asyncio.to_thread(plog.quality.lookup, request_id)
         if found is None:  # answered a moment ago: the writer may not have seen it yet
             await plog.sync()
-            found = plog.quality.lookup(request_id)
+            found = await asyncio.to_thread(plog.quality.lookup, request_id)
         if found is None:
             row = await asyncio.to_thread(query.find_prediction, plog.engine, request_id)
             if row is None:
@@ -60,7 +61,7 @@ def monitor_router(dataplane: Dataplane, max_request_bytes: int) -> APIRouter:
         logged_model, version, prediction = found
         if logged_model != model:
             raise ModelNotFound(f"request '{request_id}' went to model '{logged_model}', not '{model}'")
-        if plog.quality.given(request_id):
+        if await asyncio.to_thread(plog.quality.given, request_id):
             raise Conflict(f"request '{request_id}' has feedback already")
         try:
             exists = await asyncio.to_thread(query.feedback_exists, plog.engine, request_id)
@@ -68,7 +69,8 @@ def monitor_router(dataplane: Dataplane, max_request_bytes: int) -> APIRouter:
             exists = False
         if exists:
             raise Conflict(f"request '{request_id}' has feedback already")
-        scored = plog.quality.add(request_id, logged_model, version, prediction, truth)  # Conflict if raced
+        # Conflict if raced
+        scored = await asyncio.to_thread(plog.quality.add, request_id, logged_model, version, prediction, truth)
         plog.feedback({"request_id": request_id, "model": logged_model, "version": version, "ground_truth": truth,
                        "prediction": prediction, "samples": scored["samples"], "correct": scored["correct"],
                        "abs_error": scored["abs_error"], "sq_error": scored["sq_error"]})
@@ -98,11 +100,12 @@ def monitor_router(dataplane: Dataplane, max_request_bytes: int) -> APIRouter:
 
     @router.get("/v2/models/{model}/quality", summary="Quality metrics per version over the feedback window")
     async def model_quality(model: str):
-        return json_response({"model": model, "versions": payload_log().quality.snapshot(model).get(model, {})})
+        versions = (await asyncio.to_thread(payload_log().quality.snapshot, model)).get(model, {})
+        return json_response({"model": model, "versions": versions})
 
     @router.get("/v2/quality", summary="Quality metrics of every model with feedback")
     async def quality():
-        return json_response({"models": payload_log().quality.snapshot()})
+        return json_response({"models": await asyncio.to_thread(payload_log().quality.snapshot)})
 
     @router.get("/v2/logs", summary="Payload-log rows, newest first")
     async def logs(model: str | None = None, version: str | None = None, status: str | None = None,
@@ -121,7 +124,7 @@ def monitor_router(dataplane: Dataplane, max_request_bytes: int) -> APIRouter:
 
     @router.get("/v2/logs/status", summary="The payload-log writer's counters")
     async def status():
-        return json_response(payload_log().status())
+        return json_response(await asyncio.to_thread(payload_log().status))
 
     @router.get("/v2/models/{model}/drift", summary="Input drift per version: PSI/KS against the reference")
     async def model_drift(model: str):
@@ -135,6 +138,7 @@ def monitor_router(dataplane: Dataplane, max_request_bytes: int) -> APIRouter:
 
     @router.post("/v2/models/{model}/drift/reset", summary="Start a new drift reference from the next requests")
     async def drift_reset(model: str, version: str | None = None):
-        return json_response({"model": model, "reset": payload_log().drift.reset(model, version)})
+        reset = await asyncio.to_thread(payload_log().drift.reset, model, version)
+        return json_response({"model": model, "reset": reset})
 
     return router
