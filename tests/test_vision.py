@@ -170,6 +170,36 @@ def test_jpeg_draft_fast_path_matches_full_decode(photos):
     assert np.abs(fast.astype(int) - full).mean() < 2.5
 
 
+@pytest.mark.parametrize("size,interpolation,max_diff", [
+    ((500, 375), "bilinear", 1), ((500, 375), "bicubic", 1), ((224, 224), "bilinear", 1),
+    ((1024, 768), "bilinear", 16),  # drafted: libjpeg's DCT scaling, not the resampling filter
+])
+def test_fast_decode_is_opt_in_and_close_to_exact(photos, size, interpolation, max_diff):
+    data = encode(np.asarray(Image.fromarray(photos["coffee"]).resize(size, Image.Resampling.LANCZOS)), "JPEG",
+                  quality=90)
+    spec = dict(resize=256, center_crop=[224, 224], interpolation=interpolation, dtype="UINT8", layout="NHWC")
+    assert ImagePreprocess(**spec).fast_decode is False
+    exact, meta = Preprocessor(ImagePreprocess(**spec))(data)
+    fast, fast_meta = Preprocessor(ImagePreprocess(**spec, fast_decode=True))(data)
+    assert fast_meta == meta and fast.shape == exact.shape == (224, 224, 3)
+    diff = np.abs(fast.astype(int) - exact)
+    assert diff.max() <= max_diff and diff.mean() < 0.6
+    # the default stays bit-exact: Pillow's resize of the whole image, then the crop
+    w, h = size
+    nw, nh = (round(w * 256 / h), 256) if h <= w else (256, round(h * 256 / w))
+    full = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((nw, nh), getattr(
+        Image.Resampling, interpolation.upper())))
+    np.testing.assert_array_equal(exact, full[(nh - 224) // 2:(nh - 224) // 2 + 224, (nw - 224) // 2:(nw - 224) // 2 + 224])
+    if max_diff == 1:  # no draft: EXIF-rotated images take the exact resize either way
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(data)).save(buf, format="JPEG", quality=90, exif=exif)
+        rotated = buf.getvalue()
+        np.testing.assert_array_equal(Preprocessor(ImagePreprocess(**spec, fast_decode=True))(rotated)[0],
+                                      Preprocessor(ImagePreprocess(**spec))(rotated)[0])
+
+
 def red_square(h: int, w: int, box) -> bytes:
     pixels = np.zeros((h, w, 3), np.uint8)
     x1, y1, x2, y2 = box

@@ -66,6 +66,14 @@ class ImagePreprocess(_Strict):
     max_pixels: int = Field(40_000_000, gt=0)
     #: bound on one encoded image
     max_bytes: int = Field(32 * 1024 * 1024, gt=0)
+    #: opt-in speed over bit-exactness (default off: pixels equal Pillow's plain decode + resize + crop).
+    #: On: a JPEG is DCT-downscaled by libjpeg (draft 1/2, 1/4, 1/8) whenever the decoded image still
+    #: has at least the resized size (off: only when it has twice that), and with ``center_crop`` only
+    #: the part of the image the crop keeps is resized (off: the whole image, then cropped). The answer
+    #: differs from the exact path by rounding (resize coefficients computed for a sub-box: pixels off
+    #: by at most 1 of 255) and, where the draft applies, by libjpeg's DCT scaling instead of
+    #: the resampling filter (a few levels of 255 on photos). The geometry (``ImageMeta``) is the same.
+    fast_decode: bool = False
 
     @field_validator("resize", "center_crop")
     @classmethod

@@ -6,8 +6,10 @@ parallel); numpy does normalization and layout. Order of work, cheapest first:
 
 1. header checks (``decode.open_image``): nothing decoded for an oversized or bogus image;
 2. JPEG ``draft``: the decoder itself downscales by 2/4/8 (DCT scaling) when the target is far
-   smaller, keeping at least ``DRAFT_GAP`` times the target so the final resample stays sharp;
+   smaller, keeping at least ``DRAFT_GAP`` times the target so the final resample stays sharp
+   (``fast_decode: true``: at least the target itself);
 3. resize in the stored orientation, *then* apply the EXIF rotation (fewer pixels to rotate);
+   with ``fast_decode: true`` and a centre crop, only the kept part is resized, straight to the crop;
 4. letterbox / center crop as one placement of the resized pixels in the output canvas;
 5. normalize with a per-channel lookup table (256 entries: ``((v * scale + offset) - mean) / std``
    computed once in float64), which also writes the layout in the same pass.
@@ -94,6 +96,7 @@ class Preprocessor:
         self.spec = spec
         self._resample = _RESAMPLE[spec.interpolation]
         self._mode = "L" if spec.color == "L" else "RGB"
+        self._draft_gap = 1 if spec.fast_decode else DRAFT_GAP
         self._lut = None  # UINT8 passes pixels through
         if spec.dtype != "UINT8":
             c = spec.channels
@@ -163,8 +166,9 @@ class Preprocessor:
         if opened.format == "JPEG":  # orientation is known before decoding: plan a DCT downscale
             stored = self._stored_size(opened)
             full = opened.image.size
-            big = stored[0] * DRAFT_GAP * 2 <= full[0] and stored[1] * DRAFT_GAP * 2 <= full[1]
-            want = (stored[0] * DRAFT_GAP, stored[1] * DRAFT_GAP) if big else None
+            gap = self._draft_gap
+            big = stored[0] * gap * 2 <= full[0] and stored[1] * gap * 2 <= full[1]
+            want = (stored[0] * gap, stored[1] * gap) if big else None
             drafted = opened.image.draft(self._mode, want)
             if drafted and want:
                 box = drafted[1]  # the original's extent in drafted pixels: keeps the mapping exact
@@ -173,6 +177,19 @@ class Preprocessor:
         nh, nw, oy, ox, out_h, out_w = self._plan(h0, w0)
         stored = self._stored_size(opened)  # Pillow (width, height) before the rotation
         image = to_mode(opened.image, self.spec.color, opened.format, index)
+        if self.spec.fast_decode and opened.orientation == 1 and oy <= 0 and ox <= 0 \
+                and out_h - oy <= nh and out_w - ox <= nw and (out_h, out_w) != (nh, nw):
+            # fast_decode with a crop inside the resized image: resample only the kept part, straight
+            # to the crop's size (the resize filter is centred where it would be for the whole image)
+            bx0, by0, bx1, by1 = box if box is not None else (0, 0, *image.size)
+            sx, sy = (bx1 - bx0) / nw, (by1 - by0) / nh
+            crop = (bx0 - ox * sx, by0 - oy * sy, bx0 + (out_w - ox) * sx, by0 + (out_h - oy) * sy)
+            image = image.resize((out_w, out_h), self._resample, box=crop)
+            pixels = np.asarray(image)
+            if pixels.ndim == 2:
+                pixels = pixels[:, :, None]
+            meta = ImageMeta(h0, w0, out_h, out_w, nh / h0, nw / w0, float(oy), float(ox))
+            return self._finish(pixels, out), meta
         if box is not None or image.size != stored:
             image = image.resize(stored, self._resample, box=box)
         image = upright(image, opened.orientation)
