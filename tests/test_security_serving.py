@@ -466,3 +466,17 @@ def test_mutual_tls(tmp_path, pki):
         with pytest.raises(InferenceServerException) as err:
             _grpc_infer(srv.grpc_url, root_certificates=pki / "ca.pem")
         assert err.value.status() == "StatusCode.UNAVAILABLE"
+
+
+def test_dashboard_page_asks_for_a_key(world, tmp_path):
+    """The page is open, its data is not: without a key the page shows the key form and says why."""
+    from test_dashboard import Dom, browse
+
+    assert world.client.get("/dashboard").status_code == 200
+    assert world.client.get("/v2/dashboard").status_code == 401
+    dom = Dom(browse(f"http://{world.srv.http_url}/dashboard", tmp_path / "chrome", "--dump-dom"))
+    form = dom.one(id="auth")
+    assert "hidden" not in form, form  # shown after the 401
+    assert "a key is needed" in dom.one(id="conn-text")["text"]
+    admin = world.client.get("/v2/dashboard", headers=bearer(world.keys["admin"]))
+    assert admin.status_code == 200 and admin.json()["models"]

@@ -421,10 +421,30 @@
     $("conn").setAttribute("data-state", state);
     $("conn-text").textContent = text;
   }
+  // With authentication on, the data needs a key: asked for once, kept for this tab only (sessionStorage)
+  const KEY_ITEM = "modelserve-dashboard-key";
+  $("auth").addEventListener("submit", (event) => {
+    event.preventDefault();
+    sessionStorage.setItem(KEY_ITEM, $("auth-key").value.trim());
+    $("auth-key").value = "";
+    $("auth-error").textContent = "checking…";
+  });
+  function askForKey(status) {
+    $("auth").hidden = false;
+    $("auth-error").textContent = sessionStorage.getItem(KEY_ITEM)
+      ? (status === 403 ? "this key may not read every model's metrics" : "this key was refused") : "";
+  }
   async function poll() {
     try {
-      const response = await fetch("v2/dashboard", {cache: "no-store"});
+      const key = sessionStorage.getItem(KEY_ITEM);
+      const headers = key ? {"Authorization": "Bearer " + key} : {};
+      const response = await fetch("v2/dashboard", {cache: "no-store", headers});
+      if (response.status === 401 || response.status === 403) {
+        askForKey(response.status);
+        throw new Error("HTTP " + response.status + ": a key is needed");
+      }
       if (!response.ok) throw new Error("HTTP " + response.status);
+      $("auth").hidden = true;
       const doc = await response.json();
       if (pid !== null && doc.server.pid !== pid) history = [];  // a restarted server: counters start over
       const last = history[history.length - 1];
