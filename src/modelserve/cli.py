@@ -284,3 +284,7 @@ from modelserve.cli_keys import audit, keys_app  # noqa: E402 - API keys and the
 
 app.add_typer(keys_app, name="keys")
 app.command()(audit)
+
+from modelserve.cli_deploy import deploy_app  # noqa: E402 - rendered deployment artifacts (Kubernetes)
+
+app.add_typer(deploy_app, name="deploy")
