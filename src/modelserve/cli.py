@@ -62,6 +62,17 @@ def serve(
     tls_key: Optional[Path] = typer.Option(None, help="TLS private key (PEM)"),
     tls_client_ca: Optional[Path] = typer.Option(None, help="Mutual TLS: require client certificates signed by this "
                                                             "CA (PEM)"),
+    rate_limit: Optional[str] = typer.Option(None, envvar="MODELSERVE_RATE_LIMIT",
+                                             help="RATE[:BURST]: inference requests a second per key (per client "
+                                                  "address without --auth), bursts up to BURST; past it 429 + Retry-After"),
+    max_inflight_per_model: int = typer.Option(0, envvar="MODELSERVE_MAX_INFLIGHT_PER_MODEL",
+                                               help="Requests a model answers at once, past it 429 (0 = no cap; a "
+                                                    "model's config.yaml 'limits: {max_inflight: N}' wins)"),
+    request_timeout_s: float = typer.Option(60.0, envvar="MODELSERVE_REQUEST_TIMEOUT_S",
+                                            help="Seconds from the request body to the answer, past it 504 / gRPC "
+                                                 "DEADLINE_EXCEEDED (0 = none; a gRPC client's deadline also counts)"),
+    body_timeout_s: float = typer.Option(30.0, envvar="MODELSERVE_BODY_TIMEOUT_S",
+                                         help="Seconds a client may take to send the request body, past it 408 (0 = none)"),
 ):
     """Serve a model repository, or a registry alias, over KServe V2 REST and gRPC (Triton clients work unchanged).
 
@@ -80,19 +91,28 @@ def serve(
         raise typer.BadParameter("must be none, explicit or poll", param_hint="--model-control-mode")
     if auth not in ("none", "keys", "jwt", "keys+jwt"):
         raise typer.BadParameter("must be none, keys, jwt or keys+jwt", param_hint="--auth")
+    from modelserve.errors import InvalidInput
+    from modelserve.server.limits import parse_rate
+
+    try:
+        parse_rate(rate_limit)
+    except InvalidInput as exc:
+        raise typer.BadParameter(exc.message, param_hint="--rate-limit") from None
     run(ServerSettings(
         model_repository=model_repository, host=host, http_port=http_port, grpc_port=grpc_port,
         metrics_port=metrics_port, model_control_mode=model_control_mode, load_models=load_model or [], poll_interval_s=poll_interval,
         max_request_bytes=max_request_bytes, ort_threads=ort_threads, log_level=log_level,
         alias=alias, registry_poll_s=registry_poll, payload_log=payload_log,
         auth=auth, jwt_role_claim=jwt_role_claim, jwt_models_claim=jwt_models_claim, metrics_auth=metrics_auth,
-        insecure=insecure,
+        insecure=insecure, max_inflight_per_model=max_inflight_per_model, request_timeout_s=request_timeout_s,
+        body_timeout_s=body_timeout_s,
         **{k: v for k, v in (("registry", registry), ("registry_artifacts", artifacts),
                              ("registry_cache", registry_cache), ("monitor_db", monitor_db),
                              ("monitor_spill", monitor_spill), ("keys_db", keys_db),
                              ("jwt_secret_file", jwt_secret_file), ("jwt_public_key", jwt_public_key),
                              ("jwt_jwks", jwt_jwks), ("jwt_audience", jwt_audience), ("jwt_issuer", jwt_issuer),
-                             ("tls_cert", tls_cert), ("tls_key", tls_key), ("tls_client_ca", tls_client_ca))
+                             ("tls_cert", tls_cert), ("tls_key", tls_key), ("tls_client_ca", tls_client_ca),
+                             ("rate_limit", rate_limit))
            if v is not None},
     ))
 

@@ -114,7 +114,7 @@ def from_wire(buffer: bytes | memoryview, datatype: str, shape: list[int], name:
     """Raw bytes -> array of ``shape``; checks the byte count against the shape."""
     count = math.prod(shape)
     if datatype == "BYTES":
-        return decode_bytes(buffer, count, name).reshape(shape)
+        return reshape(decode_bytes(buffer, count, name), shape, name)
     dtype = NUMPY_OF[datatype]
     expected = count * dtype.itemsize
     if len(buffer) != expected:
@@ -122,7 +122,7 @@ def from_wire(buffer: bytes | memoryview, datatype: str, shape: list[int], name:
             f"input '{name}': got {len(buffer)} bytes of data, expected {expected} "
             f"for shape {list(shape)} of {datatype}"
         )
-    return np.frombuffer(buffer, dtype=dtype).reshape(shape)
+    return reshape(np.frombuffer(buffer, dtype=dtype), shape, name)
 
 
 def from_json(data, datatype: str, shape: list[int], name: str) -> np.ndarray:
@@ -149,7 +149,16 @@ def from_json(data, datatype: str, shape: list[int], name: str) -> np.ndarray:
         )
     if datatype == "BOOL" and not all(isinstance(v, bool) for v in _flatten(data)):
         raise InvalidInput(f"input '{name}': BOOL data must be JSON true/false")
-    return flat.reshape(shape)
+    return reshape(flat, shape, name)
+
+
+def reshape(flat: np.ndarray, shape: list[int], name: str) -> np.ndarray:
+    """``flat.reshape(shape)``; a shape numpy cannot hold even empty (a dimension past int64, or dimensions whose
+    product overflows it beside a 0) is the request's error."""
+    try:
+        return flat.reshape(shape)
+    except ValueError as exc:
+        raise InvalidInput(f"input '{name}': shape {list(shape)} is too large: {exc}") from None
 
 
 def _is_regular(data) -> bool:

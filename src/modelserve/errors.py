@@ -79,3 +79,29 @@ class PermissionDenied(ModelServeError):
 
     http_status = 403
     grpc_code = "PERMISSION_DENIED"
+
+
+class RateLimited(ModelServeError):
+    """The caller's rate limit (token bucket) or the model's concurrency cap is reached (``server/limits.py``).
+    ``retry_after_s``: whole seconds until a retry can succeed (REST ``Retry-After``, gRPC ``retry-after``)."""
+
+    http_status = 429
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, retry_after_s: int = 1):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(ModelServeError):
+    """The request did not finish within its deadline (``--request-timeout-s``, or the gRPC client's)."""
+
+    http_status = 504
+    grpc_code = "DEADLINE_EXCEEDED"
+
+
+class RequestTimeout(ModelServeError):
+    """The client did not send the whole request body within ``--body-timeout-s``."""
+
+    http_status = 408
+    grpc_code = "DEADLINE_EXCEEDED"

@@ -86,6 +86,16 @@ class ServerSettings(BaseSettings):
     #: mutual TLS: clients must present a certificate signed by this CA (PEM)
     tls_client_ca: Path | None = None
 
+    # -- limits (server/limits.py) --
+    #: per caller (key name; client address with auth off): "RATE[:BURST]" inference requests a second; None: off
+    rate_limit: str | None = None
+    #: requests a model answers at once, for models whose config has no ``limits.max_inflight`` (0: no cap)
+    max_inflight_per_model: int = 0
+    #: seconds from the end of the request body to the answer before 504 (0: none); gRPC: or the client's deadline
+    request_timeout_s: float = 60.0
+    #: seconds a client may take to send the request body before 408 (0: none)
+    body_timeout_s: float = 30.0
+
     def __repr_args__(self):  # URLs may carry a database password: never in a log line
         for name, value in super().__repr_args__():
             if name in ("registry", "monitor_db", "keys_db", "registry_artifacts") and isinstance(value, str):

@@ -94,7 +94,7 @@ def row_stats(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
 def encode(array: np.ndarray, max_values: int):
     """One tensor for the log: its values (nested lists) when small, else ``summary()``."""
     array = np.asarray(array)
-    if array.size <= max_values:
+    if math.prod(d or 1 for d in array.shape) <= max_values:  # not .size: tolist() of a [1e5, 1e5, 0] makes 1e10 lists
         if array.dtype == object:
             values = _texts(array)
             if values is not None:

@@ -77,6 +77,7 @@ HTTP_RULES: list[Rule] = [
     _rule("GET", r"/v2/dashboard", W),
     # V2 per model
     _rule("GET", rf"/v2/models/{M}{V}(/ready|/config|/stats)?", R, "path"),
+    _rule("POST", rf"/v2/models/{M}{V}/infer", Action.INFER, "path"),  # InferRoute checks it itself; for the list
     _rule("POST", rf"/v2/repository/models/{M}/(load|unload)", Action.LOAD_UNLOAD, "path"),
     _rule("POST", rf"/v2/repository/[^/]+/models/{M}/[^/]+", Action.LOAD_UNLOAD, "path"),
     # monitor

@@ -32,6 +32,7 @@ from modelserve.monitor.metrics import Metrics
 from modelserve.runtime import RuntimeOptions
 from modelserve.server.dataplane import Dataplane
 from modelserve.server.grpc_service import NOT_SERVING, SERVING, create_server
+from modelserve.server.limits import Limits, LimitsCollector, parse_rate
 from modelserve.server.models import ModelManager
 from modelserve.server.rest import create_app
 from modelserve.settings import ServerSettings
@@ -104,10 +105,23 @@ def _security(settings: ServerSettings):
     return secure.build_access(settings)
 
 
+def _limits(settings: ServerSettings) -> Limits:
+    """Rate limits, concurrency caps and deadlines (``server/limits.py``); a bad ``--rate-limit``: exit 2."""
+    from modelserve.errors import InvalidInput
+
+    try:
+        rate, burst = parse_rate(settings.rate_limit)
+    except InvalidInput as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return Limits(rate, burst, settings.max_inflight_per_model, settings.request_timeout_s, settings.body_timeout_s)
+
+
 async def serve(settings: ServerSettings) -> None:
     from modelserve.server import secure
 
     access, refresher = _security(settings)
+    limits = _limits(settings)
     runtime_defaults = RuntimeOptions(intra_op_threads=settings.ort_threads) if settings.ort_threads else RuntimeOptions()
     registry = follower = None
     if settings.registry:
@@ -124,7 +138,8 @@ async def serve(settings: ServerSettings) -> None:
 
         metrics.collectors.append(QualityCollector(dataplane.payload_log.quality))
         metrics.collectors.append(DriftCollector(dataplane.payload_log.drift.attach(manager.repository)))
-    app = create_app(dataplane, settings.max_request_bytes, registry, follower, metrics, access)
+    metrics.collectors.append(LimitsCollector(limits))
+    app = create_app(dataplane, settings.max_request_bytes, registry, follower, metrics, access, limits)
 
     sock = _bind(settings.host, settings.http_port)
     http_port = sock.getsockname()[1]
@@ -148,7 +163,7 @@ async def serve(settings: ServerSettings) -> None:
     if settings.grpc_port >= 0:
         grpc_server, grpc_port, health = create_server(
             dataplane, _address(settings.host, settings.grpc_port), settings.max_request_bytes, access,
-            secure.grpc_credentials(settings))
+            secure.grpc_credentials(settings), limits)
         await grpc_server.start()
         await health.set("", NOT_SERVING)
     http_task = asyncio.create_task(http.serve(sockets=[sock]), name="http")

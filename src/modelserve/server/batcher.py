@@ -149,6 +149,8 @@ class DynamicBatcher:
             timer.cancel()
 
     def _take(self) -> list[_Pending]:
+        while self._queue and self._queue[0].future.done():  # cancelled while queued (deadline, client gone)
+            self._queue.popleft()
         if not self._queue:
             return []
         if not self.max_batch_size:
@@ -164,6 +166,8 @@ class DynamicBatcher:
         total = 0
         while self._queue:
             pending = self._queue.popleft()
+            if pending.future.done():  # cancelled while queued: dropped, not run
+                continue
             if pending.key == key and total + pending.rows <= limit:
                 taken.append(pending)
                 total += pending.rows

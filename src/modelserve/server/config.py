@@ -142,6 +142,14 @@ class Monitoring(_Strict):
     drift: DriftConfig = DriftConfig()
 
 
+class ModelLimits(_Strict):
+    """``limits:`` in config.yaml: how many requests the model (all its versions) answers at once; past it
+    new requests get 429 with ``Retry-After`` (``server/limits.py``). None: the server's
+    ``--max-inflight-per-model``; 0: no cap."""
+
+    max_inflight: int | None = Field(default=None, ge=0)
+
+
 class PipelineStep(_Strict):
     """One step of a ``backend: pipeline`` model (Triton's ensemble step, same meaning and aliases):
     run ``model`` on pipeline tensors, ``inputs`` = {step input: pipeline tensor},
@@ -183,6 +191,8 @@ class ModelConfig(_Strict):
     postprocess: Postprocess | None = None
     #: payload log and feedback settings (see ``Monitoring``)
     monitoring: Monitoring = Monitoring()
+    #: concurrency cap (see ``ModelLimits``)
+    limits: ModelLimits = ModelLimits()
 
     @property
     def batching(self) -> bool:

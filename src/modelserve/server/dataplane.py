@@ -61,6 +61,14 @@ def new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_ids):016x}"
 
 
+def header_safe(request_id: str | None) -> str | None:
+    """The request's ``id`` if it can travel as the X-Request-ID header / gRPC metadata (printable ASCII), else
+    None: ``{"id": "a\\nb"}`` or ``"€"`` is echoed in the body as sent, the header gets an id of ours."""
+    if request_id and request_id.isascii() and request_id.isprintable():
+        return request_id
+    return None
+
+
 @dataclass(slots=True)
 class InferResponse:
     model: str
@@ -151,7 +159,7 @@ class Dataplane:
         """``_infer`` with a request id (in the log context while it runs), and its payload-log record,
         answered or failed. Pipeline steps are logged as their pipeline's request only."""
         if request.request_id is None:
-            request.request_id = request.id or new_request_id()
+            request.request_id = header_safe(request.id) or new_request_id()
         token = REQUEST_ID.set(request.request_id)
         payload_log = self.payload_log if request.protocol != "pipeline" else None
         started = time.perf_counter_ns()
@@ -177,7 +185,7 @@ class Dataplane:
         if entry is None:
             return None
         if version:
-            return entry.versions.get(int(version)) if version.isdigit() else None
+            return entry.versions.get(int(version)) if version.isascii() and version.isdigit() else None
         ready = entry.ready_versions()
         return ready[-1] if ready else None
 

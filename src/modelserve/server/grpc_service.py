@@ -20,12 +20,14 @@ import math
 import grpc
 import numpy as np
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from modelserve.datatypes import NUMPY_OF, from_wire, to_wire, v2_name
-from modelserve.errors import InvalidInput, ModelServeError
+from modelserve.datatypes import NUMPY_OF, from_wire, reshape, to_wire, v2_name
+from modelserve.errors import DeadlineExceeded, InvalidInput, ModelServeError, RateLimited
 from modelserve.server.access import ANONYMOUS, Access
-from modelserve.server.dataplane import Dataplane, InferRequest, InferResponse, new_request_id
+from modelserve.server.dataplane import Dataplane, InferRequest, InferResponse, header_safe, new_request_id
+from modelserve.server.limits import Limits, client_host
 from modelserve.server.proto import inference_pb2 as pb
 from modelserve.server.proto import model_config_pb2
 
@@ -52,6 +54,9 @@ def _mapped(method):
                 _PRINCIPAL.set(self.access.check_grpc(name, request, context))
             return await method(self, request, context)
         except ModelServeError as exc:
+            retry_after = getattr(exc, "retry_after_s", None)  # RateLimited, QueueFull: when to come back
+            if retry_after:
+                context.set_trailing_metadata((*(context.trailing_metadata() or ()), ("retry-after", str(retry_after))))
             await context.abort(grpc.StatusCode[exc.grpc_code], exc.message)
         except Exception as exc:  # noqa: BLE001
             log.exception("unexpected error in %s", method.__name__)
@@ -63,9 +68,10 @@ _PRINCIPAL: contextvars.ContextVar = contextvars.ContextVar("modelserve_grpc_pri
 
 
 class InferenceService:
-    def __init__(self, dataplane: Dataplane, access: Access | None = None):
+    def __init__(self, dataplane: Dataplane, access: Access | None = None, limits: Limits | None = None):
         self.dataplane = dataplane
         self.access = access
+        self.limits = limits
 
     @staticmethod
     def principal():
@@ -130,20 +136,63 @@ class InferenceService:
 
     @_mapped
     async def ModelInfer(self, request, context):
+        held = False
+        if self.limits is not None:  # refused at the door: an id, no payload-log row
+            try:
+                held = self._admit(request, context)
+            except RateLimited:
+                context.set_trailing_metadata((("x-request-id", header_safe(request.id) or new_request_id()),))
+                raise
         try:
-            _check_version(request.model_version)
-            infer_request = decode_request(request, context)
-        except ModelServeError as exc:  # refused before the dataplane: still an id and a payload-log row
-            request_id = request.id or new_request_id()
-            context.set_trailing_metadata((("x-request-id", request_id),))
-            if self.dataplane.payload_log is not None:
-                self.dataplane.payload_log.rejected(request.model_name, request.model_version or None, "v2-grpc",
-                                                    context.peer(), request_id, exc)
-            raise
+            try:
+                _check_version(request.model_version)
+                infer_request = decode_request(request, context)
+            except ModelServeError as exc:  # refused before the dataplane: still an id and a payload-log row
+                request_id = header_safe(request.id) or new_request_id()
+                context.set_trailing_metadata((("x-request-id", request_id),))
+                if self.dataplane.payload_log is not None:
+                    self.dataplane.payload_log.rejected(request.model_name, request.model_version or None, "v2-grpc",
+                                                        context.peer(), request_id, exc)
+                raise
+            try:
+                return encode_response(await self._infer(infer_request, context))
+            finally:  # trailing: sent with the status, no extra message on the wire
+                context.set_trailing_metadata((("x-request-id", infer_request.request_id),))
+        finally:
+            if held:
+                self.limits.release(request.model_name)
+
+    def _admit(self, request, context) -> bool:
+        """The caller's rate and the model's in-flight cap (``limits.py``); True: a slot to give back."""
+        limits = self.limits
+        name = self.principal().name if self.access is not None else None
+        if limits.rate:
+            limits.check_rate(name, client_host(context.peer()) if name is None else None)
         try:
-            return encode_response(await self.dataplane.infer(infer_request))
-        finally:  # trailing: sent with the status, no extra message on the wire
-            context.set_trailing_metadata((("x-request-id", infer_request.request_id),))
+            config = self.dataplane.manager.get(request.model_name, request.model_version or None).config
+        except ModelServeError:  # unknown, unready, bad version: the dataplane says so, and logs it
+            return False
+        return limits.acquire(request.model_name, config, name)
+
+    async def _infer(self, infer_request: InferRequest, context) -> InferResponse:
+        """The dataplane's answer within the deadline: the client's (``time_remaining``) or the server's
+        ``--request-timeout-s``, whichever is sooner; the waiting request is cancelled past it."""
+        limits = self.limits
+        seconds = limits.request_timeout_s if limits is not None else None
+        remaining = context.time_remaining() if context is not None else None
+        if remaining is not None and (seconds is None or remaining < seconds):
+            if remaining <= 0:
+                raise DeadlineExceeded("the client's deadline has passed")
+            seconds = remaining
+        if seconds is None:
+            return await self.dataplane.infer(infer_request)
+        try:
+            async with asyncio.timeout(seconds) as timer:
+                return await self.dataplane.infer(infer_request)
+        except TimeoutError:
+            if not timer.expired():
+                raise
+            raise DeadlineExceeded(f"no answer within the deadline of {seconds:.3g} s") from None
 
     async def ModelStreamInfer(self, requests, context):
         """Requests run concurrently; each answer (or in-stream error) carries the request's id."""
@@ -156,38 +205,51 @@ class InferenceService:
                 await context.abort(grpc.StatusCode[exc.grpc_code], exc.message)
 
         async def answer(request) -> None:
+            held = False
             try:
                 if self.access is not None:  # each message: its model, and a key revoked mid-stream
-                    self.access.check_grpc("ModelStreamInfer", request, context)
+                    _PRINCIPAL.set(self.access.check_grpc("ModelStreamInfer", request, context))
+                if self.limits is not None:  # each message: the caller's rate, the model's cap
+                    held = self._admit(request, context)
                 _check_version(request.model_version)
                 message = pb.ModelStreamInferResponse(
-                    infer_response=encode_response(await self.dataplane.infer(decode_request(request, context))))
+                    infer_response=encode_response(await self._infer(decode_request(request, context), context)))
             except Exception as exc:  # noqa: BLE001 - an error stays inside the stream
                 text = exc.message if isinstance(exc, ModelServeError) else f"internal error: {exc}"
                 message = pb.ModelStreamInferResponse(error_message=text, infer_response=pb.ModelInferResponse(
                     id=request.id, model_name=request.model_name, model_version=request.model_version))
+            finally:
+                if held:
+                    self.limits.release(request.model_name)
             message.infer_response.parameters["triton_final_response"].bool_param = True
             answers.put_nowait(message)
 
         async def read() -> None:
-            tasks = set()
-            async for request in requests:
-                task = asyncio.create_task(answer(request))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            await asyncio.gather(*tasks)
-            answers.put_nowait(None)
+            tasks, end = set(), None
+            try:
+                async for request in requests:
+                    task = asyncio.create_task(answer(request))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+            except DecodeError as exc:  # a message that does not parse: answer the others, then end the stream
+                end = exc
+            finally:  # whatever happened, the stream ends (it used to wait for ever when reading failed)
+                await asyncio.gather(*tasks)
+                answers.put_nowait(end)
 
         reader = asyncio.create_task(read())
         try:
             while (message := await answers.get()) is not None:
+                if isinstance(message, DecodeError):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                        f"a request is not a valid ModelInferRequest message: {message}")
                 yield message
         finally:
             reader.cancel()
 
 
 def _check_version(version: str) -> None:
-    if version and not version.isdigit():
+    if version and not (version.isascii() and version.isdigit()):
         raise InvalidInput(f"model version '{version}' is not a number")
 
 
@@ -210,6 +272,8 @@ def decode_request(request: pb.ModelInferRequest, context: grpc.aio.ServicerCont
         if any(d < 0 for d in shape):
             raise InvalidInput(f"input '{name}': shape {shape} has a negative dimension")
         if raw:
+            if tensor.HasField("contents") and tensor.contents.ByteSize():
+                raise InvalidInput(f"input '{name}': typed contents and raw_input_contents both; send one of them")
             inputs[name] = from_wire(raw[i], tensor.datatype, shape, name)
         else:
             inputs[name] = _from_contents(tensor, shape)
@@ -232,8 +296,11 @@ def _from_contents(tensor, shape: list[int]) -> np.ndarray:
         array = np.empty(count, dtype=object)
         array[:] = list(values)
     else:
-        array = np.array(values, dtype=NUMPY_OF[tensor.datatype])
-    return array.reshape(shape)
+        try:
+            array = np.array(values, dtype=NUMPY_OF[tensor.datatype])
+        except (OverflowError, ValueError) as exc:  # 300 in uint_contents of a UINT8 tensor
+            raise InvalidInput(f"input '{tensor.name}': contents are not valid {tensor.datatype}: {exc}") from None
+    return reshape(array, shape, tensor.name)
 
 
 def encode_response(response: InferResponse) -> pb.ModelInferResponse:
@@ -269,16 +336,28 @@ _RPCS = {
 }
 
 
+def _decoded(method, message_type):
+    """``method`` taking the raw request bytes: grpcio answers UNKNOWN when its deserializer raises."""
+    async def handler(raw: bytes, context: grpc.aio.ServicerContext):
+        try:
+            request = message_type.FromString(raw)
+        except DecodeError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"request is not a valid {message_type.DESCRIPTOR.name} message: {exc}")
+        return await method(request, context)
+    return handler
+
+
 def create_server(dataplane: Dataplane, address: str, max_request_bytes: int = MAX_MESSAGE,
                   access: Access | None = None, credentials: grpc.ServerCredentials | None = None,
-                  ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+                  limits: Limits | None = None) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """A gRPC server bound to ``address`` (port 0 = any free port); returns it, its port, its health servicer.
     Messages up to ``max_request_bytes`` are accepted (grpcio's own default, 4 MiB, is too small for images).
     ``access``: authentication and access rules (None: off); ``credentials``: TLS (``grpc.ssl_server_credentials``)."""
-    service = InferenceService(dataplane, access)
-    handlers = {
+    service = InferenceService(dataplane, access, limits)  # limits: rate, caps, deadlines (None: none)
+    handlers = {  # bytes in, parsed by _decoded: a message that does not parse is INVALID_ARGUMENT, not UNKNOWN
         name: grpc.unary_unary_rpc_method_handler(
-            getattr(service, name), request_deserializer=req.FromString, response_serializer=resp.SerializeToString)
+            _decoded(getattr(service, name), req), response_serializer=resp.SerializeToString)
         for name, (req, resp) in _RPCS.items()
     }
     handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
