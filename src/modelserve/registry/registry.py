@@ -110,9 +110,9 @@ class Registry:
 
     def _record(self, session: Session, action: str, model: str, *, alias: str | None = None,
                 from_version: int | None = None, to_version: int | None = None, reason: str = "",
-                details: dict | None = None) -> None:
-        session.add(HistoryEntry(at=utcnow(), actor=self.actor, action=action, model=model, alias=alias,
-                                 from_version=from_version, to_version=to_version, reason=reason or "",
+                details: dict | None = None, actor: str | None = None) -> None:
+        session.add(HistoryEntry(at=utcnow(), actor=(actor or self.actor)[:200], action=action, model=model,
+                                 alias=alias, from_version=from_version, to_version=to_version, reason=reason or "",
                                  details=details or {}))
 
     # -- lookups -----------------------------------------------------------------------------
@@ -152,8 +152,11 @@ class Registry:
     def register(self, path: str | Path, name: str, *, from_version: int | str | None = None,
                  step: str | None = None, step_params: dict | None = None, metrics: dict | None = None,
                  tags: dict | None = None, description: str = "", config: dict | None = None,
-                 format: str | None = None) -> VersionInfo:
+                 format: str | None = None, actor: str | None = None) -> VersionInfo:
         """Store the file (once per content) and add it as the model's next version.
+
+        ``actor`` (here and in every change below): who the history names; default the registry's own
+        (``RegistrySettings.actor``, else user@host). The server passes the calling key's name.
 
         ``from_version`` ("3", or "other-model:3") records lineage; a ``<stem>.report.json`` written by
         ``modelserve optimize`` beside the file supplies the metrics and the step's parameters.
@@ -178,12 +181,13 @@ class Registry:
             if step and step_params is None:
                 step_params = {"steps": report.get("steps", [])}
         artifact = self.store.put(path)
+        by = (actor or self.actor)[:200]
 
         def work(session: Session) -> VersionInfo:
             model = session.scalars(select(RegisteredModel).where(RegisteredModel.name == name)
                                     .with_for_update()).first()
             if model is None:
-                model = RegisteredModel(name=name, description="", created_by=self.actor, created_at=utcnow())
+                model = RegisteredModel(name=name, description="", created_by=by, created_at=utcnow())
                 session.add(model)
                 session.flush()
             parent = None
@@ -199,11 +203,11 @@ class Registry:
                 model_id=model.id, number=number, format=fmt, artifact_uri=artifact.uri,
                 filename=served_filename(path, fmt), digest=artifact.digest, size=artifact.size,
                 signature=model_signature, metrics=metrics or {}, tags=tags or {}, config=config,
-                description=description, created_by=self.actor, created_at=utcnow(),
+                description=description, created_by=by, created_at=utcnow(),
                 parent_id=parent.id if parent else None, step=step, step_params=step_params or {})
             session.add(version)
             session.flush()
-            self._record(session, "register", name, to_version=number, details={
+            self._record(session, "register", name, to_version=number, actor=by, details={
                 "digest": artifact.digest, "size": artifact.size, "source": str(path),
                 **({"parent": _parent_ref(version, parent), "step": step} if parent else {})})
             return self._version_info(session, version)
@@ -216,7 +220,8 @@ class Registry:
 
     def set_alias(self, name: str, alias: str, version: int | str, *, canary: int | str | None = None,
                   weight: float = 0.0, sticky_header: str | None = None, protect: bool | None = None,
-                  force: bool = False, reason: str = "", action: str = "alias_set") -> AliasInfo:
+                  force: bool = False, reason: str = "", action: str = "alias_set",
+                  actor: str | None = None) -> AliasInfo:
         """Point ``alias`` at ``version`` (a number or another alias), optionally splitting ``weight``
         of the traffic to ``canary``. Moving a protected alias needs ``force`` and a ``reason``."""
         check_name("alias", alias)
@@ -256,7 +261,7 @@ class Registry:
             after = _alias_state(row)
             if before != after:
                 self._record(session, action, name, alias=alias, from_version=before.get("version"),
-                             to_version=target.number, reason=reason,
+                             to_version=target.number, reason=reason, actor=actor,
                              details={k: v for k, v in after.items() if k != "version" and v})
             return _alias_info(row, previous=before.get("version"))
 
@@ -268,7 +273,7 @@ class Registry:
                                  f"(--force, the admin right) and a reason (--reason)")
 
     def protect(self, name: str, alias: str, protected: bool = True, *, force: bool = False,
-                reason: str = "") -> AliasInfo:
+                reason: str = "", actor: str | None = None) -> AliasInfo:
         """Protect an alias; lifting the protection needs force and a reason, like moving it."""
 
         def work(session: Session) -> AliasInfo:
@@ -278,7 +283,8 @@ class Registry:
             if row.protected != protected:
                 row.protected = protected
                 self._record(session, "protect" if protected else "unprotect", name, alias=alias,
-                             from_version=row.version.number, to_version=row.version.number, reason=reason)
+                             from_version=row.version.number, to_version=row.version.number, reason=reason,
+                             actor=actor)
             return _alias_info(row)
 
         return self._tx(work)
@@ -291,12 +297,13 @@ class Registry:
         return row
 
     def promote(self, name: str, source: str = "staging", target: str = "production", *,
-                force: bool = False, reason: str = "") -> AliasInfo:
+                force: bool = False, reason: str = "", actor: str | None = None) -> AliasInfo:
         """Point ``target`` at the version ``source`` points at (staging → production by default)."""
         return self.set_alias(name, target, source, force=force, reason=reason or f"promoted from {source}",
-                              action="promote")
+                              action="promote", actor=actor)
 
-    def rollback(self, name: str, alias: str = "production", *, force: bool = False, reason: str = "") -> AliasInfo:
+    def rollback(self, name: str, alias: str = "production", *, force: bool = False, reason: str = "",
+                 actor: str | None = None) -> AliasInfo:
         """Move ``alias`` back one step: to the version it pointed at before its last move (recorded)."""
 
         def work(session: Session) -> AliasInfo:
@@ -316,23 +323,25 @@ class Registry:
             session.flush()
             session.refresh(row)
             self._record(session, "rollback", name, alias=alias, from_version=current, to_version=target.number,
-                         reason=reason)
+                         reason=reason, actor=actor)
             return _alias_info(row, previous=current)
 
         return self._tx(work)
 
-    def delete_alias(self, name: str, alias: str, *, force: bool = False, reason: str = "") -> None:
+    def delete_alias(self, name: str, alias: str, *, force: bool = False, reason: str = "",
+                     actor: str | None = None) -> None:
         def work(session: Session) -> None:
             row = self._existing_alias(session, name, alias)
             self._check_protected(row, name, force, reason)
-            self._record(session, "alias_delete", name, alias=alias, from_version=row.version.number, reason=reason)
+            self._record(session, "alias_delete", name, alias=alias, from_version=row.version.number, reason=reason,
+                         actor=actor)
             session.delete(row)
 
         self._tx(work)
 
     # -- delete ------------------------------------------------------------------------------
 
-    def delete_version(self, name: str, version: int, *, reason: str = "") -> None:
+    def delete_version(self, name: str, version: int, *, reason: str = "", actor: str | None = None) -> None:
         """Remove a version (refused while an alias points at it); its artifact goes when no version shares it."""
 
         def work(session: Session) -> str | None:
@@ -343,7 +352,7 @@ class Registry:
                 raise Conflict(f"version {version} of '{name}' is in use by alias{'es' if len(pointing) > 1 else ''} "
                                f"{', '.join(pointing)}: move or delete {'them' if len(pointing) > 1 else 'it'} first")
             digest, uri = row.digest, row.artifact_uri
-            self._record(session, "delete_version", name, from_version=version, reason=reason,
+            self._record(session, "delete_version", name, from_version=version, reason=reason, actor=actor,
                          details={"digest": digest})
             session.delete(row)
             session.flush()

@@ -8,7 +8,8 @@ line a script can parse::
 (with ``--metrics-port``, `` metrics=127.0.0.1:9090`` follows; with TLS `` tls=on`` or `` tls=mutual``, with
 authentication `` auth=keys`` and the like). ``GET /metrics`` (Prometheus) is on the HTTP port either way.
 Security (``server/secure.py``, ``server/access.py``): an address beyond loopback without authentication
-is refused unless ``--insecure``.
+is refused unless ``--insecure``. Management actions (load/unload, registry changes) are written to the
+audit log (``security/audit.py``) in the key database, with authentication off too (actor ``anonymous``).
 
 SIGTERM / SIGINT: readiness turns false, both listeners stop taking new requests, in-flight
 requests finish (up to ``drain_timeout_s``), the models drain and unload, the process exits 0.
@@ -105,6 +106,13 @@ def _security(settings: ServerSettings):
     return secure.build_access(settings)
 
 
+def _audit_log(settings: ServerSettings):
+    """The audit log of management actions, on the key database (opened on the first action)."""
+    from modelserve.security.audit import AuditLog
+
+    return AuditLog(settings.keys_url())
+
+
 def _limits(settings: ServerSettings) -> Limits:
     """Rate limits, concurrency caps and deadlines (``server/limits.py``); a bad ``--rate-limit``: exit 2."""
     from modelserve.errors import InvalidInput
@@ -121,6 +129,7 @@ async def serve(settings: ServerSettings) -> None:
     from modelserve.server import secure
 
     access, refresher = _security(settings)
+    audit = _audit_log(settings)
     limits = _limits(settings)
     runtime_defaults = RuntimeOptions(intra_op_threads=settings.ort_threads) if settings.ort_threads else RuntimeOptions()
     registry = follower = None
@@ -139,7 +148,7 @@ async def serve(settings: ServerSettings) -> None:
         metrics.collectors.append(QualityCollector(dataplane.payload_log.quality))
         metrics.collectors.append(DriftCollector(dataplane.payload_log.drift.attach(manager.repository)))
     metrics.collectors.append(LimitsCollector(limits))
-    app = create_app(dataplane, settings.max_request_bytes, registry, follower, metrics, access, limits)
+    app = create_app(dataplane, settings.max_request_bytes, registry, follower, metrics, access, limits, audit)
 
     sock = _bind(settings.host, settings.http_port)
     http_port = sock.getsockname()[1]
@@ -163,7 +172,7 @@ async def serve(settings: ServerSettings) -> None:
     if settings.grpc_port >= 0:
         grpc_server, grpc_port, health = create_server(
             dataplane, _address(settings.host, settings.grpc_port), settings.max_request_bytes, access,
-            secure.grpc_credentials(settings), limits)
+            secure.grpc_credentials(settings), limits, audit)
         await grpc_server.start()
         await health.set("", NOT_SERVING)
     http_task = asyncio.create_task(http.serve(sockets=[sock]), name="http")
@@ -212,6 +221,7 @@ async def serve(settings: ServerSettings) -> None:
         await asyncio.to_thread(dataplane.payload_log.close, settings.drain_timeout_s)
     await manager.close()
     secure.stop_access(access, refresher)
+    await asyncio.to_thread(audit.close)
     if registry:
         await asyncio.to_thread(registry.close)
     log.info("stopped")

@@ -12,6 +12,7 @@ before any model lookup), and for each message of ``ModelStreamInfer``. Health R
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import logging
@@ -68,10 +69,13 @@ _PRINCIPAL: contextvars.ContextVar = contextvars.ContextVar("modelserve_grpc_pri
 
 
 class InferenceService:
-    def __init__(self, dataplane: Dataplane, access: Access | None = None, limits: Limits | None = None):
+    def __init__(self, dataplane: Dataplane, access: Access | None = None, limits: Limits | None = None,
+                 audit=None):
         self.dataplane = dataplane
         self.access = access
         self.limits = limits
+        #: ``security.audit.AuditLog`` for load/unload (None: not recorded)
+        self.audit = audit
 
     @staticmethod
     def principal():
@@ -126,13 +130,23 @@ class InferenceService:
     @_mapped
     async def RepositoryModelLoad(self, request, context):
         params = {k: _param_value(v) for k, v in request.parameters.items()}
-        await self.dataplane.load(request.model_name, params)
+        async with self._audited("model.load", request.model_name, context, parameters=sorted(params)):
+            await self.dataplane.load(request.model_name, params)
         return pb.RepositoryModelLoadResponse()
 
     @_mapped
     async def RepositoryModelUnload(self, request, context):
-        await self.dataplane.unload(request.model_name)
+        async with self._audited("model.unload", request.model_name, context):
+            await self.dataplane.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
+
+    def _audited(self, action: str, model: str, context, **detail):
+        """``async with`` around a management action: its audit row (``security/audit.py``) once it ends."""
+        if self.audit is None:
+            return contextlib.nullcontext({})
+        from modelserve.security.audit import client_address
+
+        return self.audit.action(self.principal(), action, model, detail, client_address(context.peer()))
 
     @_mapped
     async def ModelInfer(self, request, context):
@@ -350,11 +364,13 @@ def _decoded(method, message_type):
 
 def create_server(dataplane: Dataplane, address: str, max_request_bytes: int = MAX_MESSAGE,
                   access: Access | None = None, credentials: grpc.ServerCredentials | None = None,
-                  limits: Limits | None = None) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+                  limits: Limits | None = None,
+                  audit=None) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """A gRPC server bound to ``address`` (port 0 = any free port); returns it, its port, its health servicer.
     Messages up to ``max_request_bytes`` are accepted (grpcio's own default, 4 MiB, is too small for images).
-    ``access``: authentication and access rules (None: off); ``credentials``: TLS (``grpc.ssl_server_credentials``)."""
-    service = InferenceService(dataplane, access, limits)  # limits: rate, caps, deadlines (None: none)
+    ``access``: authentication and access rules (None: off); ``credentials``: TLS (``grpc.ssl_server_credentials``);
+    ``audit``: the ``AuditLog`` load/unload are recorded in (None: not recorded)."""
+    service = InferenceService(dataplane, access, limits, audit)  # limits: rate, caps, deadlines (None: none)
     handlers = {  # bytes in, parsed by _decoded: a message that does not parse is INVALID_ARGUMENT, not UNKNOWN
         name: grpc.unary_unary_rpc_method_handler(
             _decoded(getattr(service, name), req), response_serializer=resp.SerializeToString)

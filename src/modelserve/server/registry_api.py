@@ -7,16 +7,22 @@ listings are filtered to the caller's models. Handlers stay thin: each registry 
 (the database and the artifact store are blocking I/O), errors are the registry's ``ModelServeError``
 subclasses, which ``rest.py`` maps to 400/404/409, and every change pokes the follower so this server
 swaps at once instead of at its next poll (other servers see it at theirs).
+
+Every change is written to the audit log (``security/audit.py``: ``registry.register``,
+``registry.delete_version``, ``alias.set``, ``alias.delete``, ``alias.promote``, ``alias.rollback``, with
+``ok`` and the versions moved) and the registry history names the caller (the key's name) as its actor;
+with authentication off the history keeps the registry's own actor and the audit log says ``anonymous``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 from fastapi import APIRouter, Body, Request, Response
 from pydantic import BaseModel, ConfigDict
@@ -26,6 +32,9 @@ from modelserve.errors import Conflict, InvalidInput, ModelNotReady, PayloadTooL
 from modelserve.registry import AliasInfo, HistoryInfo, ModelDetail, ModelSummary, Registry, VersionInfo
 from modelserve.security import Action, authorize
 from modelserve.server.access import principal_of
+
+if TYPE_CHECKING:
+    from modelserve.security.audit import AuditLog
 
 T = TypeVar("T")
 WRITE_CHUNK = 4 << 20
@@ -73,8 +82,21 @@ _UPLOAD_BODY = {"requestBody": {"required": True, "description": "the model file
 
 
 def registry_router(registry: Registry, on_change: Callable[[], None], max_request_bytes: int,
-                    status: Callable[[], dict] | None = None) -> APIRouter:
+                    status: Callable[[], dict] | None = None, audit: AuditLog | None = None) -> APIRouter:
     router = APIRouter(prefix="/v2/registry", tags=["registry"])
+
+    def audited(request: Request, action: str, name: str, **detail):
+        """``async with`` around a change: its audit row (``ok`` or the error) once it ends."""
+        if audit is None:
+            return contextlib.nullcontext({})
+        client = request.client
+        return audit.action(principal_of(request), action, name, detail,
+                            f"{client.host}:{client.port}" if client else None)
+
+    def actor(request: Request) -> str | None:
+        """Who the registry history names: the caller; None (the registry's own actor) with auth off."""
+        principal = principal_of(request)
+        return None if principal.source == "anonymous" else principal.name
 
     async def call(fn: Callable[..., T], *args, **kwargs) -> T:
         try:
@@ -113,8 +135,12 @@ def registry_router(registry: Registry, on_change: Callable[[], None], max_reque
         try:
             path = folder / filename
             await _save_upload(request, path, max_request_bytes)
-            return await change(registry.register, path, name, from_version=from_version, step=step,
-                                description=description, format=format)
+            async with audited(request, "registry.register", name, filename=filename, from_version=from_version,
+                               step=step, format=format) as detail:
+                info = await change(registry.register, path, name, from_version=from_version, step=step,
+                                    description=description, format=format, actor=actor(request))
+                detail.update(version=info.version, digest=info.digest)
+            return info
         finally:
             await asyncio.to_thread(shutil.rmtree, folder, True)
 
@@ -125,8 +151,9 @@ def registry_router(registry: Registry, on_change: Callable[[], None], max_reque
 
     @router.delete("/models/{name}/versions/{version}", status_code=204,
                    summary="Delete a version (409 while an alias points at it)")
-    async def delete_version(name: str, version: int, reason: str = ""):
-        await change(registry.delete_version, name, version, reason=reason)
+    async def delete_version(request: Request, name: str, version: int, reason: str = ""):
+        async with audited(request, "registry.delete_version", name, version=version, reason=reason):
+            await change(registry.delete_version, name, version, reason=reason, actor=actor(request))
         return Response(status_code=204)
 
     @router.get("/models/{name}/versions/{version}/lineage", response_model=list[VersionInfo],
@@ -142,15 +169,20 @@ def registry_router(registry: Registry, on_change: Callable[[], None], max_reque
                 summary="Point an alias at a version, with an optional canary (409 if protected without force)")
     async def set_alias(request: Request, name: str, alias: str, body: AliasRequest):
         protected(request, name, body.force, body.protect)
-        return await change(registry.set_alias, name, alias, body.version, canary=body.canary, weight=body.weight,
-                            sticky_header=body.sticky_header, protect=body.protect, force=body.force,
-                            reason=body.reason)
+        async with audited(request, "alias.set", name, alias=alias, to=body.version, canary=body.canary,
+                           weight=body.weight, protect=body.protect, force=body.force, reason=body.reason) as detail:
+            info = await change(registry.set_alias, name, alias, body.version, canary=body.canary,
+                                weight=body.weight, sticky_header=body.sticky_header, protect=body.protect,
+                                force=body.force, reason=body.reason, actor=actor(request))
+            detail.update({"from": info.previous_version, "to": info.version})
+        return info
 
     @router.delete("/models/{name}/aliases/{alias}", status_code=204,
                    summary="Delete an alias (servers following it unload the model)")
     async def delete_alias(request: Request, name: str, alias: str, force: bool = False, reason: str = ""):
         protected(request, name, force)
-        await change(registry.delete_alias, name, alias, force=force, reason=reason)
+        async with audited(request, "alias.delete", name, alias=alias, force=force, reason=reason):
+            await change(registry.delete_alias, name, alias, force=force, reason=reason, actor=actor(request))
         return Response(status_code=204)
 
     @router.post("/models/{name}/promote", response_model=AliasInfo,
@@ -158,14 +190,24 @@ def registry_router(registry: Registry, on_change: Callable[[], None], max_reque
     async def promote(request: Request, name: str, body: Annotated[PromoteRequest | None, Body()] = None):
         body = body or PromoteRequest()
         protected(request, name, body.force)
-        return await change(registry.promote, name, body.source, body.target, force=body.force, reason=body.reason)
+        async with audited(request, "alias.promote", name, alias=body.target, source=body.source, force=body.force,
+                           reason=body.reason) as detail:
+            info = await change(registry.promote, name, body.source, body.target, force=body.force,
+                                reason=body.reason, actor=actor(request))
+            detail.update({"from": info.previous_version, "to": info.version})
+        return info
 
     @router.post("/models/{name}/rollback", response_model=AliasInfo,
                  summary="Move an alias back to the version it pointed at before its last move")
     async def rollback(request: Request, name: str, body: Annotated[RollbackRequest | None, Body()] = None):
         body = body or RollbackRequest()
         protected(request, name, body.force)
-        return await change(registry.rollback, name, body.alias, force=body.force, reason=body.reason)
+        async with audited(request, "alias.rollback", name, alias=body.alias, force=body.force,
+                           reason=body.reason) as detail:
+            info = await change(registry.rollback, name, body.alias, force=body.force, reason=body.reason,
+                                actor=actor(request))
+            detail.update({"from": info.previous_version, "to": info.version})
+        return info
 
     @router.get("/models/{name}/history", response_model=list[HistoryInfo], summary="The model's history, newest first")
     async def history(name: str, alias: str | None = None, limit: int | None = 100):

@@ -7,6 +7,7 @@ Every error leaves as ``{"error": "..."}`` with the status of its ``ModelServeEr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import json
 import logging
@@ -65,11 +66,12 @@ def error_response(exc: ModelServeError) -> Response:
 
 def create_app(dataplane: Dataplane, max_request_bytes: int, registry: Registry | None = None,
                follower: RegistryFollower | None = None, metrics: Metrics | None = None,
-               access: Access | None = None, limits: Limits | None = None) -> "InferRoute":
+               access: Access | None = None, limits: Limits | None = None, audit=None) -> "InferRoute":
     """The HTTP app; with a ``registry`` (and the ``follower`` serving it) also the management API.
     ``GET /metrics`` serves ``metrics`` (default: a ``Metrics`` of the dataplane's models).
     ``access``: authentication and access rules (``server/access.py``), checked in ``InferRoute``; None: off.
-    ``limits``: rate limits, concurrency caps and deadlines (``server/limits.py``); None: none."""
+    ``limits``: rate limits, concurrency caps and deadlines (``server/limits.py``); None: none.
+    ``audit``: the ``security.audit.AuditLog`` management actions are recorded in; None: not recorded."""
     metrics = metrics or Metrics(dataplane.manager)
     app = FastAPI(title="modelserve", version=dataplane.server_metadata()["version"],
                   description="KServe V2 / Open Inference Protocol with Triton's extensions")
@@ -158,13 +160,17 @@ def create_app(dataplane: Dataplane, max_request_bytes: int, registry: Registry 
     @app.post("/v2/repository/models/{model}/load")
     async def load(request: Request, model: str):
         doc = json_object(await read_body(request.headers, request.stream(), max_request_bytes), allow_empty=True)
-        await dataplane.load(model, doc.get("parameters") or {})
+        params = doc.get("parameters") or {}
+        names = sorted(str(k) for k in params) if isinstance(params, dict) else None  # names only: no file bytes
+        async with _audited(audit, request, "model.load", model, parameters=names):
+            await dataplane.load(model, params)
         return json_response({"name": model, "load": True})
 
     @app.post("/v2/repository/models/{model}/unload")
     async def unload(request: Request, model: str):
         json_object(await read_body(request.headers, request.stream(), max_request_bytes), allow_empty=True)
-        await dataplane.unload(model)
+        async with _audited(audit, request, "model.unload", model):
+            await dataplane.unload(model)
         return json_response({"name": model, "unload": True})
 
     @app.api_route("/v2/repository/{repository}/models/{model}/{action}", methods=["POST"], include_in_schema=False)
@@ -182,7 +188,7 @@ def create_app(dataplane: Dataplane, max_request_bytes: int, registry: Registry 
         from modelserve.server.registry_api import registry_router
 
         app.include_router(registry_router(registry, follower.poke if follower else (lambda: None),
-                                           max_request_bytes, follower.status if follower else None))
+                                           max_request_bytes, follower.status if follower else None, audit))
 
     from modelserve.server.monitor_api import monitor_router
 
@@ -647,6 +653,13 @@ def encode_infer(response: InferResponse, binary_of: dict) -> tuple[bytes, dict]
         "Content-Type": "application/octet-stream",
         "Inference-Header-Content-Length": str(len(header)),
     }
+
+
+def _audited(audit, request: Request, action: str, model: str, **detail):
+    """``async with`` around a management action: its audit row (``security/audit.py``) once it ends."""
+    if audit is None:
+        return contextlib.nullcontext({})
+    return audit.action(principal_of(request), action, model, detail, peer(request.scope))
 
 
 def peer(scope) -> str | None:
