@@ -512,3 +512,50 @@ def test_json_log_lines_carry_the_request_id():
     finally:
         REQUEST_ID.reset(token)
     assert "request_id" not in json.loads(JsonFormatter().format(record))
+
+
+def test_kill_9_under_load_loses_at_most_the_last_cycle(repo, tmp_path):
+    """The guarantee for ``kill -9`` of the server process alone (the database up): every request
+    answered more than one cycle (``interval_s`` + ``write_timeout_s`` = 2.25 s) before the kill is stored,
+    by the writer process that outlives it or by the next server's replay, and none twice."""
+    url, spill = sqlite_url(tmp_path), tmp_path / "spill.jsonl"
+    server = serve(repo, url, spill)
+    answered: dict[str, float] = {}
+    stop = threading.Event()
+
+    def client_loop(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        with httpx.Client(base_url=f"http://{server.http_url}", timeout=30) as client:
+            while not stop.is_set():
+                try:
+                    status, rid, _ = rest(client, "mlp", rng.standard_normal((1, FEATURES)).astype(np.float32))
+                except httpx.HTTPError:
+                    return  # the server is gone
+                if status == 200:
+                    answered[rid] = time.monotonic()
+
+    threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(3)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(3.0)
+        killed_at = time.monotonic()
+        os.kill(server.proc.pid, 9)  # the server only: its writer process sees the pipes close
+        server.proc.wait()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        server.stop()
+    must = {rid for rid, at in answered.items() if at < killed_at - 2.25}
+    assert len(must) > 50
+    deadline = time.monotonic() + 60  # the orphaned writer stores what it holds, then exits
+    with serve(repo, url, spill) as again, httpx.Client(base_url=f"http://{again.http_url}") as client:
+        while True:
+            flush(client, 30)
+            ids = [r["request_id"] for r in stored(url)]
+            if must <= set(ids) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    assert must <= set(ids), f"{len(must - set(ids))} of {len(must)} answered requests lost"
+    assert len(ids) == len(set(ids))  # none stored twice
