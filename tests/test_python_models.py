@@ -190,8 +190,19 @@ def repo(tmp_path_factory) -> Path:
         class Broken(PythonModel):
             def setup(self, context):
                 raise RuntimeError("no weights in " + context.version_dir.name)
+
+            def predict(self, batch):
+                return batch
     """)
     write(repo / "bad_setup" / "config.yaml", "backend: python\n" + XY)
+    write(repo / "no_predict" / "1" / "model.py", """
+        from modelserve import PythonModel
+
+        class Forgetful(PythonModel):
+            def setup(self, context):
+                self.ready = True
+    """)
+    write(repo / "no_predict" / "config.yaml", "backend: python\n" + XY)
     write(repo / "bad_predict" / "1" / "model.py", """
         from modelserve import PythonModel
 
@@ -426,6 +437,8 @@ def test_broken_models_are_unavailable_with_reasons(rest, grpc_client):
     assert index["bad_syntax"]["state"] == "UNAVAILABLE"
     assert "SyntaxError" in index["bad_syntax"]["reason"] and "line 1" in index["bad_syntax"]["reason"]
     assert "RuntimeError: no weights in 1" in index["bad_setup"]["reason"]
+    assert index["no_predict"]["state"] == "UNAVAILABLE"
+    assert "Forgetful in model.py must define predict(self, batch)" in index["no_predict"]["reason"]
     assert "declared in config.yaml" in index["no_io"]["reason"]
     assert "step 2 model 'missing' is not loaded" in index["bad_pipe"]["reason"]
     for name in ("scaler", "classify", "ensemble", "mlp", "bad_predict"):

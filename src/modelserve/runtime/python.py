@@ -26,6 +26,7 @@ with its full rights, exactly like the server's own code. Never serve a reposito
 
 from __future__ import annotations
 
+import abc
 import itertools
 import logging
 import re
@@ -48,15 +49,15 @@ _PREFIX = "modelserve_user"
 _counter = itertools.count(1)
 
 
-class PythonModel:
+class PythonModel(abc.ABC):
     """Base class of user models. Override ``predict``; the other methods are optional."""
 
     def setup(self, context: RuntimeContext) -> None:
         """Load weights, read ``context.parameters`` (the config's ``parameters``), ``context.version_dir``..."""
 
+    @abc.abstractmethod
     def predict(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Inputs stacked on axis 0 (the batch) -> outputs with the same first dimension."""
-        raise NotImplementedError(f"{type(self).__name__} must define predict(self, batch)")
 
     def preprocess(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One request's inputs (as the client sent them) -> what ``predict`` takes. Runs before batching."""
@@ -99,6 +100,10 @@ class PythonRuntime(Runtime):
                 raise ModelLoadError(f"model '{ctx.name}': no {path.name} in {ctx.version_dir} or {ctx.model_dir}")
             path = shared
         cls = self._class(path, ctx)
+        if getattr(cls, "__abstractmethods__", None):
+            sys.modules.pop(self._module_name, None)
+            raise ModelLoadError(f"model '{ctx.name}': {cls.__name__} in {path.name} must define "
+                                 f"{', '.join(sorted(cls.__abstractmethods__))}(self, batch)")
         try:
             self.model = cls()
             self.model.setup(ctx)
