@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from modelserve.cli_models import JsonOut, _console, _esc, _fail, _print_json, _table
+from modelserve.cli_models import JsonOut, _console, _esc, _fail, _failing_clearly, _print_json, _table
 
 if TYPE_CHECKING:
     from modelserve.security import KeyStore
@@ -42,9 +42,7 @@ def _keystore(url: Optional[str]) -> Iterator[tuple[KeyStore, str]]:
     """Open the key store (migrating the database to head) and name the actor; expected failures
     become ``error: …`` and an exit code."""
     from pydantic import ValidationError
-    from sqlalchemy.exc import SQLAlchemyError
 
-    from modelserve.errors import InvalidInput, ModelServeError
     from modelserve.registry.db import safe_url
     from modelserve.security import KeyStore
     from modelserve.settings import RegistrySettings
@@ -54,14 +52,8 @@ def _keystore(url: Optional[str]) -> Iterator[tuple[KeyStore, str]]:
     except ValidationError as exc:
         _fail(f"registry settings: {exc.errors()[0].get('msg', exc)}", 2)
     shown = safe_url(settings.url)
-    try:
+    with _failing_clearly(shown, opening=True):
         store = KeyStore.open(settings.url, client="cli")
-    except SQLAlchemyError as exc:
-        _fail(f"registry {shown}: {getattr(exc, 'orig', None) or exc}")
-    except (ValueError, ImportError) as exc:  # a bad URL, a missing database driver
-        _fail(f"registry settings: {exc}", 2)
-    except OSError as exc:
-        _fail(f"registry {shown}: {exc}")
     if settings.actor:
         actor = settings.actor
     else:
@@ -69,13 +61,8 @@ def _keystore(url: Optional[str]) -> Iterator[tuple[KeyStore, str]]:
 
         actor = default_actor()
     try:
-        yield store, actor
-    except InvalidInput as exc:
-        _fail(exc.message, 2)
-    except ModelServeError as exc:
-        _fail(exc.message)
-    except SQLAlchemyError as exc:
-        _fail(f"registry {shown}: {getattr(exc, 'orig', None) or exc}")
+        with _failing_clearly(shown):
+            yield store, actor
     finally:
         store.close()
 

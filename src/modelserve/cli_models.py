@@ -55,36 +55,42 @@ def _esc(text: Any) -> str:
 
 
 @contextmanager
-def _registry(url: Optional[str], artifacts: Optional[str]) -> Iterator[Registry]:
-    """Open the registry; turn every expected failure into ``error: …`` and an exit code."""
+def _failing_clearly(shown: str, opening: bool = False) -> Iterator[None]:
+    """Expected failures of a registry command, or of ``opening`` the database ``shown``, -> ``error: …``
+    and an exit code (2: the input was wrong)."""
     from sqlalchemy.exc import SQLAlchemyError
 
     from modelserve.errors import InvalidInput, ModelServeError
-    from modelserve.registry import Registry
-    from modelserve.registry.db import safe_url
 
-    overrides = {k: v for k, v in (("url", url), ("artifacts", artifacts)) if v}
-    shown = safe_url(url or "the default registry")
     try:
-        reg = Registry.from_settings(**overrides)
-    except ModelServeError as exc:
-        _fail(exc.message, 2 if isinstance(exc, InvalidInput) else 1)
-    except SQLAlchemyError as exc:
-        _fail(f"registry {shown}: {getattr(exc, 'orig', None) or exc}")
-    except (ValueError, ImportError) as exc:  # a bad URL or settings value, a missing fsspec driver
-        _fail(f"registry settings: {exc}", 2)
-    except OSError as exc:
-        _fail(f"registry {shown}: {exc}")
-    try:
-        yield reg
+        yield
     except InvalidInput as exc:
         _fail(exc.message, 2)
     except ModelServeError as exc:
         _fail(exc.message)
     except SQLAlchemyError as exc:
         _fail(f"registry {shown}: {getattr(exc, 'orig', None) or exc}")
+    except (ValueError, ImportError) as exc:  # a bad URL or settings value, a missing driver
+        if not opening:
+            raise
+        _fail(f"registry settings: {exc}", 2)
     except OSError as exc:
-        _fail(str(exc))
+        _fail(f"registry {shown}: {exc}" if opening else str(exc))
+
+
+@contextmanager
+def _registry(url: Optional[str], artifacts: Optional[str]) -> Iterator[Registry]:
+    """Open the registry; turn every expected failure into ``error: …`` and an exit code."""
+    from modelserve.registry import Registry
+    from modelserve.registry.db import safe_url
+
+    overrides = {k: v for k, v in (("url", url), ("artifacts", artifacts)) if v}
+    shown = safe_url(url or "the default registry")
+    with _failing_clearly(shown, opening=True):
+        reg = Registry.from_settings(**overrides)
+    try:
+        with _failing_clearly(shown):
+            yield reg
     finally:
         reg.close()
 
