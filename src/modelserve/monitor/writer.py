@@ -34,13 +34,12 @@ from pathlib import Path
 import numpy as np
 
 from modelserve.monitor.drift import DriftTracker
+from modelserve.monitor.encode import encode_all, encode_many, prediction
 from modelserve.monitor.payload_log import (
     CHUNK_ROWS,
     PAYLOAD_COLUMNS,
+    _DEFAULT,
     _dumps,
-    _encode_group,
-    _encode_one,
-    _insert_skipping_duplicates,
     monitor_engine,
     recv_message,
 )
@@ -48,6 +47,65 @@ from modelserve.monitor.quality import QualityTracker
 from modelserve.monitor.spill import SpillFile
 
 log = logging.getLogger("modelserve.monitor.payload_log")
+
+
+def _encode_one(record: tuple, config) -> tuple:
+    """(inputs, outputs, prediction) of one record, encoded alone."""
+    inputs, outputs = record[10], record[11]
+    mon = config.monitoring if config is not None else _DEFAULT
+    try:
+        pred = prediction(outputs, bool(config and config.max_batch_size), mon.task) if outputs else None
+        return encode_all(inputs, mon.max_values), encode_all(outputs, mon.max_values), pred
+    except Exception as exc:  # noqa: BLE001 - a tensor we cannot encode must not lose the row
+        return {"unencodable": str(exc)}, {"unencodable": str(exc)}, None
+
+
+def _concat(tensors: list[dict | None]) -> dict | None:
+    """Requests' tensors joined along the batch axis, or None when their names, dtypes or row shapes differ."""
+    first = tensors[0]
+    if not first:
+        return None
+    signature = {name: (a.dtype, a.shape[1:]) for name, a in first.items() if a.ndim}
+    if len(signature) != len(first):
+        return None
+    for t in tensors[1:]:
+        if not t or len(t) != len(first) or any((a.dtype, a.shape[1:]) != signature.get(n) or not a.ndim
+                                                for n, a in t.items()):
+            return None
+    return {name: np.concatenate([t[name] for t in tensors]) for name in first}
+
+
+def _encode_group(group: list[tuple], config) -> tuple[list[tuple], list[tuple]]:
+    """Records of one model version -> ([(inputs, outputs, prediction)], drift observations)."""
+    mon = config.monitoring if config is not None else _DEFAULT
+    batching = bool(config and config.max_batch_size)
+    enc_in = encode_many([r[10] for r in group], mon.max_values)
+    enc_out = encode_many([r[11] for r in group], mon.max_values)
+    answered = [r for r in group if r[11]]
+    joined = _concat([r[11] for r in answered]) if batching and len(answered) > 1 else None
+    if joined is None:
+        preds = [prediction(r[11], batching, mon.task) if r[11] else None for r in group]
+    else:  # row-wise, so the prediction of the joined outputs is the requests' predictions joined
+        whole = prediction(joined, True, mon.task)
+        split, start = {}, 0
+        if whole is not None:
+            kind, values, labels = whole["kind"], whole["values"], whole.get("labels")
+            for r in answered:
+                end = start + len(next(iter(r[11].values())))
+                split[id(r)] = {"kind": kind, "values": values[start:end]}
+                if labels is not None:
+                    split[id(r)]["labels"] = labels[start:end]
+                start = end
+        preds = [split.get(id(r)) for r in group]
+    observed = []
+    if config is not None:
+        ok = [r for r in group if r[7] == 200 and r[10]]
+        joined_in = _concat([r[10] for r in ok]) if batching and len(ok) > 1 else None
+        if joined_in is not None:
+            observed.append((ok[0][3], ok[0][4], joined_in, config))
+        else:
+            observed += [(r[3], r[4], r[10], config) for r in ok]
+    return list(zip(enc_in, enc_out, preds)), observed
 
 
 def _unpack(packed) -> list:
@@ -387,6 +445,18 @@ class Writer:
         self.spill.close()
         if self._engine is not None:
             self._engine.dispose()
+
+
+def _insert_skipping_duplicates(engine, table):
+    """INSERT … ON CONFLICT DO NOTHING where the dialect has it (SQLite, PostgreSQL)."""
+    name = engine.dialect.name
+    if name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:
+        return table.insert()
+    return insert(table).on_conflict_do_nothing()
 
 
 def _serve(data: Connection, control: Connection) -> None:
