@@ -301,6 +301,9 @@ def test_first_requests_reference_then_reset(server):
 
     r = client.post("/v2/models/first/drift/reset")
     assert r.json() == {"model": "first", "reset": ["1"]}
+    for unknown in (client.get("/v2/models/nosuch/drift"), client.post("/v2/models/nosuch/drift/reset"),
+                    client.get("/v2/models/nosuch/quality")):
+        assert unknown.status_code == 404 and "'nosuch'" in unknown.json()["error"]
     d = drift(client, "first")
     assert d["reference"] == {"source": "first_requests", "samples": 0, "complete": False}
     assert d["score"] is None and not d["alert"]

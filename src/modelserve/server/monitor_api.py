@@ -98,10 +98,16 @@ def monitor_router(dataplane: Dataplane, max_request_bytes: int) -> APIRouter:
                 results.append({"request_id": rid, "status": exc.http_status, "error": exc.message})
         return json_response({"results": results, "accepted": sum(r["status"] == 200 for r in results)})
 
+    def known(model: str, versions: dict) -> dict:
+        """A model served now, or one with numbers from before it was unloaded; else 404."""
+        if not versions and model not in dataplane.manager.models:
+            raise ModelNotFound(f"Request for unknown model: '{model}' is not served and has no monitoring data")
+        return {"model": model, "versions": versions}
+
     @router.get("/v2/models/{model}/quality", summary="Quality metrics per version over the feedback window")
     async def model_quality(model: str):
         versions = (await asyncio.to_thread(payload_log().quality.snapshot, model)).get(model, {})
-        return json_response({"model": model, "versions": versions})
+        return json_response(known(model, versions))
 
     @router.get("/v2/quality", summary="Quality metrics of every model with feedback")
     async def quality():
@@ -130,7 +136,7 @@ def monitor_router(dataplane: Dataplane, max_request_bytes: int) -> APIRouter:
     async def model_drift(model: str):
         drift = payload_log().drift
         versions = (await asyncio.to_thread(drift.snapshot, model)).get(model, {})
-        return json_response({"model": model, "versions": versions})
+        return json_response(known(model, versions))
 
     @router.get("/v2/drift", summary="Input drift of every model with logged requests")
     async def all_drift():
@@ -139,6 +145,7 @@ def monitor_router(dataplane: Dataplane, max_request_bytes: int) -> APIRouter:
     @router.post("/v2/models/{model}/drift/reset", summary="Start a new drift reference from the next requests")
     async def drift_reset(model: str, version: str | None = None):
         reset = await asyncio.to_thread(payload_log().drift.reset, model, version)
+        known(model, dict.fromkeys(reset))
         return json_response({"model": model, "reset": reset})
 
     return router
