@@ -64,6 +64,7 @@ from modelserve.errors import ModelNotReady, ModelServeError
 from modelserve.monitor.drift import DriftTracker
 from modelserve.monitor.quality import QualityTracker
 from modelserve.server.config import Monitoring
+from modelserve.server.stats import status_of
 
 log = logging.getLogger(__name__)
 _DEFAULT = Monitoring()
@@ -95,12 +96,14 @@ def monitor_engine(url: str):
     return make_engine(url, **options)
 
 
-def status_of(exc: BaseException) -> tuple[int, str]:
+def _failure(exc: BaseException) -> tuple[int, str]:
+    """A failed request's status (as the metrics count it) and the error text its row keeps."""
+    status = status_of(exc)
     if isinstance(exc, ModelServeError):
-        return exc.http_status, exc.message[:2000]
-    if isinstance(exc, asyncio.CancelledError):
-        return 499, "cancelled: the client went away or the server is stopping"
-    return 500, f"internal error: {exc}"[:2000]
+        return status, exc.message[:2000]
+    if status == 499:
+        return status, "cancelled: the client went away or the server is stopping"
+    return status, f"internal error: {exc}"[:2000]
 
 
 def _pack_tensors(tensors: tuple) -> tuple:
@@ -263,14 +266,14 @@ class PayloadLog:
     def failed(self, request, version: str | None, config, exc: BaseException, latency_ns: int) -> None:
         if config is not None and not config.monitoring.payload_log:
             return
-        status, error = status_of(exc)
+        status, error = _failure(exc)
         self._append(("p", time.time(), request.request_id, request.model, version, request.protocol,
                       request.client, status, error, latency_ns, request.inputs or None, None, config))
 
     def rejected(self, model: str, version: str | None, protocol: str, client: str | None, request_id: str,
                  exc: BaseException, latency_ns: int = 0) -> None:
         """A request refused before it became an ``InferRequest`` (bad body, unknown model)."""
-        status, error = status_of(exc)
+        status, error = _failure(exc)
         self._append(("p", time.time(), request_id, model, version, protocol, client, status, error, latency_ns,
                       None, None, None))
 

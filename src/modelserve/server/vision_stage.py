@@ -12,8 +12,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
-
 from modelserve.errors import InvalidInput, ModelLoadError
 from modelserve.server.config import ModelConfig, TensorConfig
 from modelserve.server.stages import RequestStage
