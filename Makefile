@@ -17,9 +17,9 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev,demo]' 2>&1 | { grep -v 'is ignored' || true; }; exit $${PIPESTATUS[0]}
 	touch $@
 
-# the framework extras the converters need (torch CPU build, TensorFlow, onnxslim): for the tests, not for serving
+# the framework extras the converters need (torch CPU build, TensorFlow, onnxslim) and Ray Serve: for the tests, not for serving
 $(BIN)/.frameworks: $(BIN)/.installed
-	$(BIN)/python -m pip install -q -e '.[dev,demo,torch,tensorflow,slim]' 2>&1 | { grep -v 'is ignored' || true; }; exit $${PIPESTATUS[0]}
+	$(BIN)/python -m pip install -q -e '.[dev,demo,torch,tensorflow,slim,ray]' 2>&1 | { grep -v 'is ignored' || true; }; exit $${PIPESTATUS[0]}
 	touch $@
 
 install: $(BIN)/.installed

@@ -110,7 +110,7 @@ def scale_model(path: Path, factor: float, dims=("batch", 4)) -> Path:
 class Server:
     """``modelserve serve`` in a child process on 127.0.0.1 with free ports."""
 
-    def __init__(self, repository: Path, *args: str, env: dict | None = None):
+    def __init__(self, repository: Path, *args: str, env: dict | None = None, start_timeout: float = 60):
         self.repository = repository
         cmd = [sys.executable, "-m", "modelserve", "serve", "--model-repository", str(repository),
                "--http-port", "0", "--grpc-port", "0", *args]
@@ -120,7 +120,7 @@ class Server:
         self._ready = threading.Event()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + start_timeout
         while not self._ready.wait(0.2):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
@@ -131,6 +131,8 @@ class Server:
             self.output.append(line)
             m = re.match(r"modelserve ready http=([\d.]+):(\d+) grpc=([\d.]+):(\d+)", line)
             if m:
+                metrics = re.search(r" metrics=[\d.]+:(\d+)", line)
+                self.metrics_port = int(metrics.group(1)) if metrics else None
                 self.http_port, self.grpc_port = int(m.group(2)), int(m.group(4))
                 self.http_url = f"127.0.0.1:{self.http_port}"
                 self.grpc_url = f"127.0.0.1:{self.grpc_port}"

@@ -21,7 +21,8 @@ def serve(
                                               "too (0 = pick a free one, -1 = none)"),
     model_control_mode: str = typer.Option("none", help="none: load all at start; explicit: load/unload API only; "
                                                         "poll: also watch the repository"),
-    load_model: Optional[list[str]] = typer.Option(None, help="Model to load at start in explicit mode (repeatable)"),
+    load_model: Optional[list[str]] = typer.Option(None, help="Model to load at start in explicit mode; with --registry: serve only "
+                                                       "these models (repeatable)"),
     poll_interval: float = typer.Option(2.0, help="Seconds between repository scans in poll mode"),
     max_request_bytes: int = typer.Option(256 * 1024 * 1024, help="Largest accepted request body"),
     ort_threads: int = typer.Option(0, envvar="MODELSERVE_ORT_THREADS",
@@ -73,6 +74,10 @@ def serve(
                                                  "DEADLINE_EXCEEDED (0 = none; a gRPC client's deadline also counts)"),
     body_timeout_s: float = typer.Option(30.0, envvar="MODELSERVE_BODY_TIMEOUT_S",
                                          help="Seconds a client may take to send the request body, past it 408 (0 = none)"),
+    ray: bool = typer.Option(False, "--ray", help="Serve on Ray Serve: each model one application whose replicas "
+                                                  "autoscale from its config's 'scaling:' (needs modelserve[ray])"),
+    ray_address: Optional[str] = typer.Option(None, help="With --ray: the cluster (auto, HOST:PORT or "
+                                                         "ray://HOST:PORT); default: start a local one"),
 ):
     """Serve a model repository, or a registry alias, over KServe V2 REST and gRPC (Triton clients work unchanged).
 
@@ -81,7 +86,11 @@ def serve(
     Example: modelserve serve --registry postgresql+psycopg://db/registry --artifacts s3://models --alias production
 
     Example: modelserve serve --host 0.0.0.0 --auth keys --tls-cert server.pem --tls-key server.key
+
+    Example: modelserve serve --ray --ray-address auto --model-repository models
     """
+    import sys
+
     from modelserve.logs import setup_logging
     from modelserve.server.app import run
     from modelserve.settings import ServerSettings
@@ -98,7 +107,7 @@ def serve(
         parse_rate(rate_limit)
     except InvalidInput as exc:
         raise typer.BadParameter(exc.message, param_hint="--rate-limit") from None
-    run(ServerSettings(
+    settings = ServerSettings(
         model_repository=model_repository, host=host, http_port=http_port, grpc_port=grpc_port,
         metrics_port=metrics_port, model_control_mode=model_control_mode, load_models=load_model or [], poll_interval_s=poll_interval,
         max_request_bytes=max_request_bytes, ort_threads=ort_threads, log_level=log_level,
@@ -114,7 +123,16 @@ def serve(
                              ("tls_cert", tls_cert), ("tls_key", tls_key), ("tls_client_ca", tls_client_ca),
                              ("rate_limit", rate_limit))
            if v is not None},
-    ))
+    )
+    if not ray:
+        run(settings)
+        return
+    try:
+        from modelserve.scale import ray_serve
+    except ImportError as exc:
+        print(f"error: --ray needs Ray Serve: pip install 'modelserve[ray]' ({exc})", file=sys.stderr)
+        raise SystemExit(2) from None
+    ray_serve.run(settings, ray_address)
 
 
 @app.command()

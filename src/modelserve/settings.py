@@ -57,6 +57,9 @@ class ServerSettings(BaseSettings):
     monitor_spill: Path = DEFAULT_MONITOR_DIR / "spill.jsonl"
     #: how many feedback rows per model version the quality metrics look back over
     quality_window: int = 1000
+    #: this process's name among several serving the same models: a ``replica`` label on every metric series
+    #: (Ray Serve replicas set their replica id, Kubernetes pods their pod name); None: no such label
+    replica: str | None = None
 
     # -- security (no secret is ever a setting: secrets stay in files, settings name the files) --
     #: who may call: none, keys (API keys in ``keys_db``), jwt (bearer JWTs), keys+jwt (either)

@@ -68,8 +68,11 @@ class Snapshot:
 class Metrics:
     """The scrape side of the metrics: one per server, shared by ``/metrics`` and the metrics port."""
 
-    def __init__(self, manager: ModelManager, registry: Collector | None = REGISTRY, gpu: bool = True):
+    def __init__(self, manager: ModelManager, registry: Collector | None = REGISTRY, gpu: bool = True,
+                 replica: str | None = None):
         self.manager = manager
+        #: added as a ``replica`` label to every series when several processes serve the same models
+        self.replica = replica
         #: extra families (prometheus_client's default registry: process_*, python_*, user metrics)
         self.registry = registry
         #: callables giving the open HTTP connections (uvicorn's ``server_state.connections``), read on the loop
@@ -136,7 +139,8 @@ class Metrics:
 
     def render(self, snapshot: Snapshot, accept: str | None = None) -> tuple[bytes, str]:
         encoder, content_type = choose_encoder(accept or "")
-        return encoder(_Families(self.families(snapshot), [*self.collectors, self.registry], self._gpu)), content_type
+        families = _Families(self.families(snapshot), [*self.collectors, self.registry], self._gpu, self.replica)
+        return encoder(families), content_type
 
     def families(self, snapshot: Snapshot) -> list[Metric]:
         labels = ["model", "version"]
@@ -193,10 +197,19 @@ def _cumulative(les: list[str], counts: list[int]) -> list[tuple[str, int]]:
 class _Families:
     """What an encoder reads: our families, the GPU's, then the other collectors' (None: skipped)."""
 
-    def __init__(self, ours: list[Metric], collectors: list[Collector | None], gpu: _Gpu | None):
-        self.ours, self.collectors, self.gpu = ours, collectors, gpu
+    def __init__(self, ours: list[Metric], collectors: list[Collector | None], gpu: _Gpu | None,
+                 replica: str | None = None):
+        self.ours, self.collectors, self.gpu, self.replica = ours, collectors, gpu, replica
 
     def collect(self) -> Iterable[Metric]:
+        if self.replica is None:
+            yield from self._all()
+            return
+        for family in self._all():
+            family.samples = [s._replace(labels={**s.labels, "replica": self.replica}) for s in family.samples]
+            yield family
+
+    def _all(self) -> Iterable[Metric]:
         yield from self.ours
         if self.gpu is not None:
             yield from self.gpu.collect()

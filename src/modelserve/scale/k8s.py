@@ -96,6 +96,8 @@ def _probe(path: str, port, scheme: str, period: int, failures: int, timeout: in
 def _container(o: K8sOptions, *, name: str, ports: list[dict], args: list[str], probe_port) -> dict:
     env = [_secret_env("MODELSERVE_REGISTRY_URL", o.registry_secret_name, o.registry_secret_key),
            _secret_env("MODELSERVE_REGISTRY_STORAGE_OPTIONS", o.registry_secret_name, o.storage_options_key, True)]
+    # the pod's name as the ``replica`` label of its metrics
+    env.append({"name": "MODELSERVE_REPLICA", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}})
     if o.monitor_db_secret:
         env.append(_secret_env("MODELSERVE_MONITOR_DB", o.monitor_db_secret, o.monitor_db_secret_key))
     env_from = [{"configMapRef": {"name": f"{o.name}-settings"}}]

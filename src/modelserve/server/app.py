@@ -75,7 +75,8 @@ def _follow_registry(settings: ServerSettings, runtime_defaults: RuntimeOptions)
         print(f"error: cannot open registry {safe_url(rs.url)}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     manager = ModelManager(cache, "registry", runtime_defaults=runtime_defaults, warmup=True)
-    follower = RegistryFollower(registry, manager, settings.alias, cache, settings.registry_poll_s)
+    follower = RegistryFollower(registry, manager, settings.alias, cache, settings.registry_poll_s,
+                                settings.load_models or None)
     log.info("following alias '%s' of registry %s (artifacts cached in %s)", settings.alias, safe_url(rs.url), cache)
     return registry, manager, follower
 
@@ -125,35 +126,87 @@ def _limits(settings: ServerSettings) -> Limits:
     return Limits(rate, burst, settings.max_inflight_per_model, settings.request_timeout_s, settings.body_timeout_s)
 
 
+class Core:
+    """Everything a server process runs besides its listeners: security, limits, the models (a repository,
+    or a registry alias and its follower), the dataplane with its payload log, metrics and the REST app.
+    The single-process server puts its HTTP and gRPC listeners in front of one; each Ray Serve replica
+    (``scale/ray_serve.py``) builds one for its model and lets Ray's proxy call the app."""
+
+    def __init__(self, settings: ServerSettings):
+        self.settings = settings
+        self.access, self.refresher = _security(settings)
+        self.audit = _audit_log(settings)
+        self.limits = _limits(settings)
+        runtime_defaults = (RuntimeOptions(intra_op_threads=settings.ort_threads) if settings.ort_threads
+                            else RuntimeOptions())
+        self.registry = self.follower = None
+        if settings.registry:
+            self.registry, self.manager, self.follower = _follow_registry(settings, runtime_defaults)
+        else:
+            self.manager = ModelManager(settings.model_repository, settings.model_control_mode,
+                                        settings.poll_interval_s, runtime_defaults)
+        self.dataplane = dataplane = Dataplane(self.manager)
+        dataplane.payload_log = _payload_log(settings)
+        self.metrics = metrics = Metrics(self.manager, replica=settings.replica)
+        if dataplane.payload_log is not None:
+            from modelserve.monitor.drift import DriftCollector
+            from modelserve.monitor.quality import QualityCollector
+
+            metrics.collectors.append(QualityCollector(dataplane.payload_log.quality))
+            metrics.collectors.append(DriftCollector(dataplane.payload_log.drift.attach(self.manager.repository)))
+        metrics.collectors.append(LimitsCollector(self.limits))
+        self.app = create_app(dataplane, settings.max_request_bytes, self.registry, self.follower, metrics,
+                              self.access, self.limits, self.audit)
+
+    def metrics_app(self):
+        """The metrics port's app: ``GET /metrics``, behind authentication when it is on."""
+        if self.access and self.settings.metrics_auth:
+            return self.access.guard_asgi(self.metrics.asgi)
+        return self.metrics.asgi
+
+    async def start(self) -> None:
+        """Load the models (and, from a registry, start following the alias)."""
+        settings = self.settings
+        await self.manager.start(settings.load_models if settings.model_control_mode == "explicit" else None)
+        if self.follower:
+            await self.follower.start()
+
+    async def stop_following(self) -> None:
+        if self.follower:  # no swap starts while draining
+            await self.follower.close()
+
+    async def close(self) -> None:
+        """After the listeners have drained: store what the payload log holds, unload, close the databases."""
+        from modelserve.server import secure
+
+        await self.stop_following()
+        if self.dataplane.payload_log is not None:  # every request has answered: store what the log holds
+            await asyncio.to_thread(self.dataplane.payload_log.close, self.settings.drain_timeout_s)
+        await self.manager.close()
+        secure.stop_access(self.access, self.refresher)
+        await asyncio.to_thread(self.audit.close)
+        if self.registry:
+            await asyncio.to_thread(self.registry.close)
+
+
+def metrics_server(app, settings: ServerSettings) -> uvicorn.Server:
+    """A uvicorn of its own for the metrics port (on the caller's event loop; ``serve(sockets=...)`` starts it)."""
+    from modelserve.server import secure
+
+    return _Uvicorn(uvicorn.Config(app, interface="asgi3", http="httptools", lifespan="off", access_log=False,
+                                   log_level="warning", timeout_graceful_shutdown=5, **secure.uvicorn_tls(settings)))
+
+
 async def serve(settings: ServerSettings) -> None:
     from modelserve.server import secure
 
-    access, refresher = _security(settings)
-    audit = _audit_log(settings)
-    limits = _limits(settings)
-    runtime_defaults = RuntimeOptions(intra_op_threads=settings.ort_threads) if settings.ort_threads else RuntimeOptions()
-    registry = follower = None
-    if settings.registry:
-        registry, manager, follower = _follow_registry(settings, runtime_defaults)
-    else:
-        manager = ModelManager(settings.model_repository, settings.model_control_mode, settings.poll_interval_s,
-                               runtime_defaults)
-    dataplane = Dataplane(manager)
-    dataplane.payload_log = _payload_log(settings)
-    metrics = Metrics(manager)
-    if dataplane.payload_log is not None:
-        from modelserve.monitor.drift import DriftCollector
-        from modelserve.monitor.quality import QualityCollector
-
-        metrics.collectors.append(QualityCollector(dataplane.payload_log.quality))
-        metrics.collectors.append(DriftCollector(dataplane.payload_log.drift.attach(manager.repository)))
-    metrics.collectors.append(LimitsCollector(limits))
-    app = create_app(dataplane, settings.max_request_bytes, registry, follower, metrics, access, limits, audit)
+    core = Core(settings)
+    dataplane, metrics, access, limits, audit = core.dataplane, core.metrics, core.access, core.limits, core.audit
 
     sock = _bind(settings.host, settings.http_port)
     http_port = sock.getsockname()[1]
     http = _Uvicorn(uvicorn.Config(
-        app, http="httptools", lifespan="off", access_log=False, log_level="warning",
+        core.app, http="httptools", lifespan="off", access_log=False, log_level="warning",
         timeout_graceful_shutdown=int(settings.drain_timeout_s), timeout_keep_alive=30,
         h11_max_incomplete_event_size=None, **secure.uvicorn_tls(settings),
     ))
@@ -162,10 +215,7 @@ async def serve(settings: ServerSettings) -> None:
     if settings.metrics_port >= 0:  # its own uvicorn on this loop: the same snapshot-then-render path as /metrics
         metrics_sock = _bind(settings.host, settings.metrics_port)
         metrics_part = f" metrics={_address(settings.host, metrics_sock.getsockname()[1])}"
-        metrics_app = access.guard_asgi(metrics.asgi) if access and settings.metrics_auth else metrics.asgi
-        metrics_http = _Uvicorn(uvicorn.Config(metrics_app, interface="asgi3", http="httptools", lifespan="off",
-                                               access_log=False, log_level="warning", timeout_graceful_shutdown=5,
-                                               **secure.uvicorn_tls(settings)))
+        metrics_http = metrics_server(core.metrics_app(), settings)
         metrics_task = asyncio.create_task(metrics_http.serve(sockets=[metrics_sock]), name="metrics-http")
     grpc_server = health = None
     grpc_port = -1
@@ -182,9 +232,7 @@ async def serve(settings: ServerSettings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    await manager.start(settings.load_models if settings.model_control_mode == "explicit" else None)
-    if follower:
-        await follower.start()
+    await core.start()
     while not http.started:  # the ready line promises a listening socket
         if http_task.done():
             await http_task
@@ -206,8 +254,7 @@ async def serve(settings: ServerSettings) -> None:
     await asyncio.wait([stopped, http_task], return_when=asyncio.FIRST_COMPLETED)
     log.info("shutting down: draining in-flight requests")
     dataplane.ready = False
-    if follower:  # no swap starts while draining
-        await follower.close()
+    await core.stop_following()
     if health:
         await health.set("", NOT_SERVING)
     http.should_exit = True
@@ -217,13 +264,7 @@ async def serve(settings: ServerSettings) -> None:
     if metrics_http:  # scraped until the requests have drained
         metrics_http.should_exit = True
         await metrics_task
-    if dataplane.payload_log is not None:  # every request has answered: store what the log holds
-        await asyncio.to_thread(dataplane.payload_log.close, settings.drain_timeout_s)
-    await manager.close()
-    secure.stop_access(access, refresher)
-    await asyncio.to_thread(audit.close)
-    if registry:
-        await asyncio.to_thread(registry.close)
+    await core.close()
     log.info("stopped")
 
 

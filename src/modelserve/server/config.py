@@ -150,6 +150,31 @@ class ModelLimits(_Strict):
     max_inflight: int | None = Field(default=None, ge=0)
 
 
+class Scaling(_Strict):
+    """``scaling:`` in config.yaml (or ``scaling.<field>`` parameters in config.pbtxt): the model's replicas
+    when served on Ray Serve (``serve --ray``). Ray's autoscaler keeps between ``min_replicas`` and
+    ``max_replicas`` running, aiming at ``target_ongoing_requests`` in flight per replica. The single-process
+    server ignores it (a pod's count is the HorizontalPodAutoscaler's, see ``deploy k8s``)."""
+
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=1, ge=1)
+    target_ongoing_requests: float = Field(default=8.0, gt=0)
+    #: seconds the load must stay above / below target before a replica is added / removed
+    upscale_delay_s: float = Field(default=5.0, ge=0)
+    downscale_delay_s: float = Field(default=30.0, ge=0)
+    #: requests one replica takes at once (its batcher fills from these); past it Ray holds them at the proxy
+    max_ongoing_requests: int = Field(default=64, ge=1)
+    #: what Ray reserves for each replica
+    num_cpus: float = Field(default=1.0, ge=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "Scaling":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
+        return self
+
+
 class PipelineStep(_Strict):
     """One step of a ``backend: pipeline`` model (Triton's ensemble step, same meaning and aliases):
     run ``model`` on pipeline tensors, ``inputs`` = {step input: pipeline tensor},
@@ -193,6 +218,8 @@ class ModelConfig(_Strict):
     monitoring: Monitoring = Monitoring()
     #: concurrency cap (see ``ModelLimits``)
     limits: ModelLimits = ModelLimits()
+    #: replicas and autoscaling on Ray Serve (see ``Scaling``)
+    scaling: Scaling = Scaling()
 
     @property
     def batching(self) -> bool:
@@ -350,6 +377,9 @@ def from_triton(data: dict[str, Any], folder_name: str) -> ModelConfig:
         kwargs["version_policy"] = {"latest": int(policy["latest"].get("num_versions", 1))}
     params = {k: v.get("string_value", "") for k, v in data.get("parameters", {}).items()}
     kwargs["parameters"] = params
+    scaling = {k.removeprefix("scaling."): v for k, v in params.items() if k.startswith("scaling.")}
+    if scaling:
+        kwargs["scaling"] = scaling
     runtime: dict[str, Any] = {}
     accel = data.get("optimization", {}).get("execution_accelerators", {})
     providers = [a["name"] for a in accel.get("gpu_execution_accelerator", []) + accel.get("cpu_execution_accelerator", [])]

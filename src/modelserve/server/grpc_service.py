@@ -182,6 +182,8 @@ class InferenceService:
         name = self.principal().name if self.access is not None else None
         if limits.rate:
             limits.check_rate(name, client_host(context.peer()) if name is None else None)
+        if self.dataplane.manager is None:  # a front for Ray Serve replicas: Ray's max_ongoing_requests caps them
+            return False
         try:
             config = self.dataplane.manager.get(request.model_name, request.model_version or None).config
         except ModelServeError:  # unknown, unready, bad version: the dataplane says so, and logs it

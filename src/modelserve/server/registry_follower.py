@@ -36,8 +36,10 @@ def _want(target: ServingTarget) -> tuple:
 
 class RegistryFollower:
     def __init__(self, registry: Registry, manager: ModelManager, alias: str, cache_dir: Path,
-                 poll_s: float = 2.0):
+                 poll_s: float = 2.0, models: list[str] | None = None):
         self.registry = registry
+        #: serve only these models' aliases (a Ray Serve replica follows its own model); None: every model
+        self.models = set(models) if models else None
         self.manager = manager
         self.alias = alias
         self.cache_dir = Path(cache_dir)
@@ -87,6 +89,8 @@ class RegistryFollower:
             if change == self._seen:
                 return
             targets = await asyncio.to_thread(self.registry.serving_targets, self.alias)
+            if self.models is not None:
+                targets = {name: t for name, t in targets.items() if name in self.models}
         except Exception as exc:  # noqa: BLE001 - database down or unreachable: keep serving what we have
             if self._db_error is None:
                 log.error("registry unreachable, serving what is loaded and retrying every %gs: %s", self.poll_s, exc)

@@ -1,0 +1,430 @@
+"""``modelserve serve --ray``: the same models, protocols and batching, on Ray Serve replicas.
+
+Topology (docs/scaling.md draws it)::
+
+    tritonclient HTTP ─► Ray Serve HTTP proxy ─► /v2/models/<m>/… ─► replicas of app "<m>" (ModelReplica:
+                           (every node)           / (anything else) ─► app "modelserve" (health, metadata, 404)
+    tritonclient gRPC ─► this process's gRPC front ─► deployment handle of app "<m>" ─► ModelReplica.infer
+    Prometheus        ─► this process's metrics port ─► every replica's own metrics port (``replica`` label)
+
+Each model is one Ray Serve application whose route prefix is ``/v2/models/<model>``: the proxy sends a
+request straight to one of that model's replicas (one hop), and Ray's autoscaler sizes each model on its
+own, from the model config's ``scaling:`` section (``Scaling`` in ``server/config.py``). A replica runs
+modelserve's own core (``ray_replica.py``); nothing of inference is written twice.
+
+gRPC: a front in this process, not Ray Serve's gRPC proxy. Ray's proxy picks the application from an
+``application`` metadata key that tritonclient and perf_analyzer never send, and it calls user methods by
+RPC name with a Ray-specific servicer; the V2 ``GRPCInferenceService`` routes by the ``model_name`` field
+of each message. The front is modelserve's own gRPC adapter over ``RemoteDataplane``, which hands each
+request to the model's deployment handle (Ray routes it to the least busy replica).
+
+State shared by the replicas: the registry (PostgreSQL; SQLite only on one node) and the artifact store
+(S3, or a folder every node sees); each replica follows the alias of its own model, so an alias move
+reaches every replica within the registry poll interval. Payload logs go to the one monitor database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+from modelserve.errors import ModelNotFound, ModelNotReady, ModelServeError, Unsupported
+from modelserve.scale.ray_replica import KV_NAMESPACE, METRICS_KEY, ModelReplica, ServerRoutes
+from modelserve.server.config import Scaling
+from modelserve.server.dataplane import Dataplane, InferRequest, InferResponse, header_safe, new_request_id
+from modelserve.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+#: the application that answers what no model's route prefix takes
+SERVER_APP = "modelserve"
+#: Ray Serve's own log lines: warnings and up, no access log (modelserve's payload log keeps every request)
+_RAY_LOGGING = {"log_level": "WARNING", "enable_access_log": False}
+
+
+# -- what to deploy ------------------------------------------------------------------------------
+
+
+def _absolute_sqlite(url: str | None) -> str | None:
+    """A SQLite URL with a relative path made absolute: replicas do not run in this folder."""
+    if not url or not url.startswith("sqlite:///") or url.startswith("sqlite:////"):
+        return url
+    path = url.removeprefix("sqlite:///")
+    return url if path in ("", ":memory:") else f"sqlite:///{Path(path).resolve()}"
+
+
+def replica_settings(settings: ServerSettings) -> dict:
+    """The settings every replica builds its core from: paths absolute, no ports of its own."""
+    rs = settings.registry_settings() if settings.registry else None
+    doc = settings.model_dump(mode="json", exclude={"replica", "load_models", "model_control_mode"})
+    doc.update(
+        model_repository=str(settings.model_repository.resolve()),
+        monitor_spill=str(settings.monitor_spill.resolve()),
+        monitor_db=_absolute_sqlite(settings.monitor_url()),
+        keys_db=_absolute_sqlite(settings.keys_url()),
+        registry=_absolute_sqlite(rs.url) if rs else None,
+        registry_artifacts=rs.artifacts_url() if rs else None,
+        registry_cache=str(settings.cache_dir().resolve()) if rs else None,
+    )
+    for name in ("tls_cert", "tls_key", "tls_client_ca", "jwt_secret_file", "jwt_public_key", "jwt_jwks"):
+        if doc.get(name):
+            doc[name] = str(Path(doc[name]).resolve())
+    return doc
+
+
+def models_to_deploy(settings: ServerSettings) -> dict[str, Scaling]:
+    """Model name -> its scaling: the repository's model folders, or the models the registry alias names."""
+    from modelserve.server.config import parse_override, read_model_config
+
+    if settings.registry:
+        import json
+
+        from modelserve.registry import Registry
+
+        rs = settings.registry_settings()
+        registry = Registry(rs.url, rs.artifacts_url(), rs.storage_options, rs.actor or None)
+        try:
+            targets = registry.serving_targets(settings.alias)
+        finally:
+            registry.close()
+        chosen = {name: parse_override(json.dumps({**(t.primary.config or {}), "name": name}), name).scaling
+                  for name, t in targets.items()}
+    else:
+        repository = settings.model_repository
+        if not repository.is_dir():
+            raise FileNotFoundError(f"model repository {repository} is not a folder")
+        chosen = {d.name: read_model_config(d).scaling for d in sorted(repository.iterdir())
+                  if d.is_dir() and not d.name.startswith(".") and d.name != "stats"}
+    if settings.load_models:
+        missing = sorted(set(settings.load_models) - set(chosen))
+        if missing:
+            raise ModelNotFound(f"not found to deploy: {', '.join(missing)}")
+        chosen = {name: chosen[name] for name in settings.load_models}
+    if not chosen:
+        raise ModelNotFound("nothing to deploy: " + (f"no model has alias '{settings.alias}'" if settings.registry
+                                                     else f"no model folder in {settings.model_repository}"))
+    return chosen
+
+
+def deployment_options(scaling: Scaling) -> dict:
+    """``serve.deployment`` options from a model's ``scaling:``: a fixed count when min == max, else Ray's
+    autoscaler between the bounds."""
+    options: dict = {
+        "ray_actor_options": {"num_cpus": scaling.num_cpus, "num_gpus": scaling.num_gpus},
+        "max_ongoing_requests": scaling.max_ongoing_requests,
+        "health_check_period_s": 2.0,
+        "graceful_shutdown_timeout_s": 30.0,
+    }
+    if scaling.min_replicas == scaling.max_replicas:
+        options["num_replicas"] = scaling.max_replicas
+    else:
+        options["autoscaling_config"] = {
+            "min_replicas": scaling.min_replicas, "max_replicas": scaling.max_replicas,
+            "initial_replicas": max(scaling.min_replicas, 1),
+            "target_ongoing_requests": scaling.target_ongoing_requests,
+            "upscale_delay_s": scaling.upscale_delay_s, "downscale_delay_s": scaling.downscale_delay_s,
+            "metrics_interval_s": 1.0, "look_back_period_s": max(2.0, min(10.0, scaling.upscale_delay_s * 2)),
+        }
+    return options
+
+
+def deploy(settings: ServerSettings, models: dict[str, Scaling]) -> None:
+    """One Ray Serve application per model (route prefix ``/v2/models/<model>``), then the server routes."""
+    from ray import serve
+
+    shared = replica_settings(settings)
+    replica = serve.deployment(serve.ingress()(ModelReplica))
+    for name, scaling in models.items():
+        log.info("deploying model '%s' on Ray Serve (%s)", name, scaling)
+        app = replica.options(name=name, **deployment_options(scaling)).bind(shared, name)
+        serve.run(app, name=name, route_prefix=f"/v2/models/{name}", logging_config=_RAY_LOGGING)
+    routes = serve.deployment(serve.ingress()(ServerRoutes)).options(
+        name="server", num_replicas=1, ray_actor_options={"num_cpus": 0})
+    serve.run(routes.bind(shared, sorted(models)), name=SERVER_APP, route_prefix="/", logging_config=_RAY_LOGGING)
+
+
+# -- the gRPC front -------------------------------------------------------------------------------
+
+
+class RemoteDataplane:
+    """The dataplane the gRPC adapter sees in this process: inference goes to the model's replicas through
+    its deployment handle; metadata and readiness come from what a replica last described (refreshed every
+    ``refresh_s``, so the adapter's synchronous calls never wait on Ray)."""
+
+    manager = None  # no local models: the adapter skips in-flight caps (Ray's max_ongoing_requests caps replicas)
+    payload_log = None  # the replicas log what they answer
+
+    def __init__(self, models: list[str], refresh_s: float = 1.0):
+        from ray import serve
+
+        self.handles = {name: serve.get_app_handle(name) for name in models}
+        self.refresh_s = refresh_s
+        self.ready = False
+        self._described: dict[str, dict] = {}
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        await self._refresh()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="ray-describe")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_s)
+            await self._refresh()
+
+    async def _refresh(self) -> None:
+        async def one(name, handle):
+            try:
+                self._described[name] = await asyncio.wait_for(handle.describe.remote(), 10)
+            except Exception as exc:  # noqa: BLE001 - no replica answered: not ready until one does
+                self._described[name] = {"ready": False, "error": str(exc)}
+
+        await asyncio.gather(*(one(n, h) for n, h in self.handles.items()))
+
+    def _doc(self, model: str) -> dict:
+        if model not in self.handles:
+            raise ModelNotFound(f"Request for unknown model: '{model}' is not deployed on this Ray Serve cluster")
+        return self._described.get(model) or {"ready": False}
+
+    # -- what the adapter calls --------------------------------------------------------------
+
+    def server_metadata(self) -> dict:
+        return Dataplane.server_metadata(self)
+
+    def model_ready(self, model: str, version: str | None = None) -> bool:
+        doc = self._doc(model)
+        return bool(doc["ready"]) and (version is None or version in doc["versions"])
+
+    def _versioned(self, key: str, model: str, version: str | None) -> dict:
+        doc = self._doc(model)
+        found = doc.get(key, {}).get(version)
+        if found is None:
+            if not doc["ready"]:
+                raise ModelNotReady(f"model '{model}' has no ready replica ({doc.get('error', 'starting')})")
+            raise ModelNotFound(f"model '{model}' version {version} is not served")
+        return found
+
+    def model_metadata(self, model: str, version: str | None = None) -> dict:
+        return self._versioned("metadata", model, version)
+
+    def model_config(self, model: str, version: str | None = None) -> dict:
+        return self._versioned("config", model, version)
+
+    def statistics(self, model: str = "", version: str | None = None) -> dict:
+        """One replica's statistics per model (Prometheus, through the metrics port, has every replica's)."""
+        names = [model] if model else sorted(self.handles)
+        stats = [s for name in names for s in self._doc(name).get("statistics", {}).get("model_stats", [])]
+        if version:
+            stats = [s for s in stats if s["version"] == version]
+        return {"model_stats": stats}
+
+    def repository_index(self, ready_only: bool = False) -> list[dict]:
+        rows = []
+        for name in sorted(self.handles):
+            doc = self._doc(name)
+            rows += [r for r in doc.get("index", []) if r["name"] == name] or \
+                [{"name": name, "state": "UNAVAILABLE", "reason": doc.get("error", "starting")}]
+        return [r for r in rows if r.get("state") == "READY"] if ready_only else rows
+
+    async def load(self, model: str, parameters: dict | None = None) -> None:
+        raise Unsupported("on Ray Serve the models are deployed by 'modelserve serve --ray' (one application "
+                          "each); load and unload are not available")
+
+    unload = load
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        if request.request_id is None:  # chosen here: the adapter returns it to the client
+            request.request_id = header_safe(request.id) or new_request_id()
+        handle = self.handles.get(request.model)
+        if handle is None:
+            raise ModelNotFound(f"Request for unknown model: '{request.model}' is not deployed on this Ray "
+                                "Serve cluster")
+        if callable(request.headers):  # gRPC metadata is read lazily; the replica needs values
+            request.headers = list(request.headers())
+        answer = await handle.infer.remote(request)
+        if isinstance(answer, ModelServeError):
+            raise answer
+        return answer
+
+
+# -- the driver's metrics port: every replica's metrics -------------------------------------------
+
+
+class GatheredMetrics:
+    """``GET /metrics``: each live replica's exposition (its series carry a ``replica`` label), merged into
+    one. The caller's Authorization header goes with each request, so every replica checks it as its own
+    metrics port does; a replica that does not answer within ``timeout_s`` is left out of that scrape."""
+
+    def __init__(self, timeout_s: float = 3.0):
+        import httpx
+
+        self.timeout_s = timeout_s
+        self._client = httpx.AsyncClient(timeout=timeout_s)
+
+    @staticmethod
+    def addresses() -> list[str]:
+        from ray.experimental import internal_kv
+
+        keys = internal_kv._internal_kv_list(METRICS_KEY, namespace=KV_NAMESPACE)
+        values = (internal_kv._internal_kv_get(k, namespace=KV_NAMESPACE) for k in keys)
+        return sorted(v.decode() for v in values if v)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return
+        if scope["path"] != "/metrics":
+            await _answer(send, 404, b"not found: try /metrics\n")
+            return
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]
+                   if k in (b"authorization", b"x-api-key")}
+        addresses = await asyncio.to_thread(self.addresses)
+        answers = await asyncio.gather(*(self._client.get(f"http://{a}/metrics", headers=headers)
+                                         for a in addresses), return_exceptions=True)
+        texts = []
+        for address, answer in zip(addresses, answers):
+            if isinstance(answer, Exception):
+                log.debug("metrics of replica at %s: %s", address, answer)
+                continue
+            if answer.status_code in (401, 403):  # refused by the replicas: refused here
+                await _answer(send, answer.status_code, answer.content, answer.headers.get("content-type"))
+                return
+            if answer.status_code == 200:
+                texts.append(answer.text)
+        await _answer(send, 200, merge_expositions(texts), "text/plain; version=0.0.4; charset=utf-8")
+
+
+async def _answer(send, status: int, body: bytes, content_type: str | None = None) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", (content_type or "text/plain; charset=utf-8").encode("latin-1")),
+        (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def merge_expositions(texts: list[str]) -> bytes:
+    """Prometheus text expositions -> one: each metric family once, with every exposition's samples."""
+    from prometheus_client.exposition import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families: dict[str, object] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            known = families.get(family.name)
+            if known is None:
+                families[family.name] = family
+            else:
+                known.samples.extend(family.samples)
+
+    class _Merged:
+        def collect(self):
+            return families.values()
+
+    return generate_latest(_Merged())
+
+
+# -- the driver -------------------------------------------------------------------------------------
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+async def _front(settings: ServerSettings, models: list[str], http_port: int) -> None:
+    from modelserve.server import secure
+    from modelserve.server.app import _address, _bind, _security, _limits, metrics_server
+    from modelserve.server.grpc_service import NOT_SERVING, SERVING, create_server
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per replica per scrape says nothing
+    access, refresher = _security(settings)
+    dataplane = RemoteDataplane(models)
+    await dataplane.start()
+    grpc_server = health = None
+    parts = []
+    if settings.grpc_port >= 0:
+        grpc_server, grpc_port, health = create_server(
+            dataplane, _address(settings.host, settings.grpc_port), settings.max_request_bytes, access,
+            secure.grpc_credentials(settings), _limits(settings), None)
+        await grpc_server.start()
+        await health.set("", SERVING)
+        parts.append(f" grpc={_address(settings.host, grpc_port)}")
+    metrics_http = metrics_task = None
+    if settings.metrics_port >= 0:
+        sock = _bind(settings.host, settings.metrics_port)
+        metrics_http = metrics_server(GatheredMetrics(), settings)
+        metrics_task = asyncio.create_task(metrics_http.serve(sockets=[sock]), name="metrics-http")
+        while not metrics_http.started and not metrics_task.done():
+            await asyncio.sleep(0.01)
+        parts.append(f" metrics={_address(settings.host, sock.getsockname()[1])}")
+    dataplane.ready = True
+    print(f"modelserve ready http={_address(settings.host, http_port)}{''.join(parts)} ray=on"
+          f"{secure.ready_suffix(settings)}", flush=True)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down the gRPC front and the Ray Serve applications")
+    dataplane.ready = False
+    if health:
+        await health.set("", NOT_SERVING)
+    if grpc_server:
+        await grpc_server.stop(grace=settings.drain_timeout_s)
+    if metrics_http:
+        metrics_http.should_exit = True
+        await metrics_task
+    await dataplane.close()
+    secure.stop_access(access, refresher)
+
+
+def run(settings: ServerSettings, address: str | None) -> None:
+    """Connect to Ray (``address``: ``auto``, ``host:port`` or ``ray://host:port``; None starts a local Ray),
+    deploy every model, run the gRPC front and the metrics port until SIGTERM, then delete the applications."""
+    if address is not None and (Path.home() / ".ray" / "auth_token").is_file():
+        # Ray sends its token to a cluster it joins only when told so before it is imported (a local start
+        # turns token authentication on by itself)
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    import ray
+    from ray import serve
+
+    try:
+        models = models_to_deploy(settings)
+    except (ModelServeError, FileNotFoundError) as exc:
+        print(f"error: {getattr(exc, 'message', exc)}", file=sys.stderr)
+        raise SystemExit(2) from None
+    http_port = settings.http_port or _free_port(settings.host)
+    local = address is None
+    started = time.monotonic()
+    ray.init(address=address, namespace="modelserve", include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        serve.start(http_options={"host": settings.host, "port": http_port}, logging_config=_RAY_LOGGING)
+        from ray.serve.context import _get_global_client
+
+        running = _get_global_client().http_config  # Serve started earlier on this cluster keeps its proxy
+        if running.port != http_port:
+            log.warning("Ray Serve already runs on this cluster, its HTTP proxy on port %d: the models are there",
+                        running.port)
+            http_port = running.port
+        deploy(settings, models)
+        log.info("%d model(s) deployed on Ray Serve in %.1f s", len(models), time.monotonic() - started)
+        asyncio.run(_front(settings, list(models), http_port))
+    finally:
+        for name in [*models, SERVER_APP]:
+            try:
+                serve.delete(name)
+            except Exception:  # noqa: BLE001 - a cluster gone already has nothing to delete
+                pass
+        if local:
+            serve.shutdown()
+        ray.shutdown()
