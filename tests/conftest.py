@@ -323,3 +323,69 @@ def s3_bucket(s3_server) -> tuple[str, dict]:
 
     bucket = s3_server.create_bucket(f"test-{uuid.uuid4().hex[:16]}")
     return f"s3://{bucket}", s3_server.storage_options()
+
+
+# --- Ray Serve (tests/test_ray*.py) --------------------------------------------------------------------------
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A one-node Ray cluster on 127.0.0.1 (4 logical CPUs), stopped after the module."""
+    port = _free_port()
+    # token authentication, as a local ray.init() turns on by itself (the driver sends ~/.ray/auth_token)
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
+    started = subprocess.run([RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+                              "--num-cpus=4", "--include-dashboard=false", "--disable-usage-stats"],
+                             capture_output=True, text=True, env=env, timeout=180)
+    assert started.returncode == 0, started.stdout + started.stderr
+    yield f"127.0.0.1:{port}"
+    subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120, env=env)
+
+
+def replica_processes(model: str) -> list[int]:
+    """PIDs of the model's replicas (Ray titles an actor's process ``ray::ServeReplica:<app>:<deployment>``)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if cmdline.startswith(f"ray::ServeReplica:{model}:{model}".encode()):
+                pids.append(int(entry.name))
+    return pids
+
+
+def metric_replicas(srv: Server, model: str) -> set[str]:
+    """The replicas whose metrics the driver's metrics port gathered with the model READY."""
+    text = httpx.get(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=10).text
+    pattern = re.compile(r'^modelserve_model_state\{(.*)\} 1\.0$', re.M)
+    found = set()
+    for labels in pattern.findall(text):
+        parts = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        if parts.get("model") == model and parts.get("state") == "READY":
+            found.add(parts["replica"])
+    return found
+
+
+def wait_for_value(check, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.5)
+
+

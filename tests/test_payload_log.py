@@ -559,3 +559,120 @@ def test_kill_9_under_load_loses_at_most_the_last_cycle(repo, tmp_path):
             time.sleep(0.5)
     assert must <= set(ids), f"{len(must - set(ids))} of {len(must)} answered requests lost"
     assert len(ids) == len(set(ids))  # none stored twice
+
+
+def _writer_pid(server: Server) -> int:
+    for task in Path(f"/proc/{server.proc.pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            if b"modelserve.monitor.writer" in Path(f"/proc/{child}/cmdline").read_bytes():
+                return int(child)
+    raise AssertionError("no writer process")
+
+
+def test_kill_9_of_the_writer_process_loses_nothing_shipped(repo, tmp_path):
+    """The writer process killed under load: the server starts a new one and sends it every batch the
+    dead one had not acknowledged; the rows equal the requests exactly (none lost, none twice)."""
+    url = sqlite_url(tmp_path)
+    with serve(repo, url, tmp_path / "spill.jsonl") as server:
+        sent: list[str] = []
+        stop = threading.Event()
+
+        def client_loop(seed: int) -> None:
+            rng = np.random.default_rng(seed)
+            with httpx.Client(base_url=f"http://{server.http_url}", timeout=30) as client:
+                while not stop.is_set():
+                    status, rid, _ = rest(client, "mlp", rng.standard_normal((1 + seed, FEATURES)).astype(np.float32))
+                    assert status == 200
+                    sent.append(rid)
+
+        threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        try:
+            time.sleep(1.0)
+            first = _writer_pid(server)
+            os.kill(first, 9)
+            time.sleep(2.5)  # past the shipper's restart back-off, still under load
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        with httpx.Client(base_url=f"http://{server.http_url}") as client:
+            status = flush(client)
+        assert status["flushed"] and status["writer_restarts"] >= 1 and _writer_pid(server) != first
+    ids = [r["request_id"] for r in stored(url)]
+    assert len(sent) > 50 and len(ids) == len(set(ids)) and set(ids) == set(sent)
+
+
+def _pack(tensors: list) -> tuple:
+    from modelserve.monitor.payload_log import _pack_tensors
+
+    return _pack_tensors(tuple(tensors))
+
+
+def _same(a, b) -> bool:
+    """Documents equal, numbers to float rounding (row statistics are summed in another order)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        return a is not None and b is not None and bool(np.isclose(a, b, rtol=1e-9, atol=1e-12))
+    return a == b
+
+
+@pytest.mark.parametrize("max_values", [0, 4, 64, 10_000])
+def test_columnar_encoding_gives_the_documents_of_encode_all(max_values):
+    """``encode_packed`` (the writer's column-at-once path) and ``predictions_packed`` give, record by
+    record, what ``encode_all`` and ``prediction`` give for the record alone."""
+    from modelserve.monitor.encode import encode_all, encode_packed, prediction, predictions_packed
+
+    rng = np.random.default_rng(0)
+    cases = [
+        [{"x": rng.standard_normal((1, 16)).astype(np.float32)} for _ in range(50)],  # one row each
+        [{"x": rng.standard_normal((3, 2, 4)), "m": rng.integers(0, 9, (3, 5)).astype(np.int64)} for _ in range(9)],
+        [{"x": rng.standard_normal((1 + i % 3, 6)).astype(np.float32)} for i in range(12)],  # rows differ
+        [{"x": np.array([[1.0, np.nan, np.inf, 2.0]], dtype=np.float32)}, {"x": np.ones((1, 4), np.float32)}],
+        [{"b": rng.random((2, 3)) > 0.5} for _ in range(4)],
+        [{"x": np.ones((1, 3), np.float32)}, None, {"y": np.ones((1, 3), np.float32)}],  # not joinable
+        [{"s": np.array([b"ab", b"\xff"], dtype=object)} for _ in range(3)],
+    ]
+    for records in cases:
+        texts = encode_packed(_pack(records), len(records), max_values)
+        assert len(texts) == len(records)
+        for record, text in zip(records, texts):
+            expected = encode_all(record, max_values)
+            assert (text is None) == (expected is None)
+            if text is not None:
+                assert _same(json.loads(text), json.loads(json.dumps(expected, default=str).replace("NaN", "null")
+                                                          .replace("Infinity", "null"))), (record, text)
+    outputs = [
+        [{"probs": rng.random((1, 10)).astype(np.float32)} for _ in range(40)],
+        [{"probs": rng.random((1 + i % 2, 10)).astype(np.float32)} for i in range(7)],
+        [{"y": rng.random((2, 1))} for _ in range(5)],
+        [{"classes": rng.integers(0, 5, (1, 3)), "labels": np.array([["a", "b", "c"]], dtype=object)} for _ in range(4)],
+    ]
+    for records in outputs:
+        texts = predictions_packed(_pack(records), len(records), True)
+        assert texts is not None
+        for record, text in zip(records, texts):
+            assert json.loads(text) == json.loads(json.dumps(prediction(record, True)))
+    assert predictions_packed(_pack(outputs[0]), 40, False) is None  # no batching: record by record
+
+
+def test_spilled_rows_come_back_as_the_rows_stored():
+    from modelserve.monitor.writer import _row_tuple, _spill_row
+
+    row = ("uid1", "req-1", "mlp", "1", "v2-rest", 200, None, 1.5, None, 1764400000.25,
+           '{"x":[[1.0,2.5]]}', '{"y":{"summary":true,"sha256":"ab"}}', '{"kind":"class","values":[3]}')
+    line = orjson_dumps(_spill_row(row))
+    assert json.loads(line)["inputs"] == {"x": [[1.0, 2.5]]}  # the spill file keeps JSON, as before
+    assert _row_tuple(json.loads(line)) == row
+    empty = (*row[:10], None, None, None)
+    assert _row_tuple(json.loads(orjson_dumps(_spill_row(empty)))) == empty
+
+
+def orjson_dumps(value) -> str:
+    import orjson
+
+    return orjson.dumps(value).decode()

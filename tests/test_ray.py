@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,11 +20,9 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
-from conftest import Server, mlp_model, needs, scale_model
+from conftest import Server, metric_replicas, mlp_model, needs, replica_processes, scale_model, wait_for_value
 
 pytestmark = [needs("ray"), pytest.mark.timeout(600)]
-
-RAY = str(Path(sys.executable).with_name("ray"))
 
 MLP_CONFIG = """\
 max_batch_size: 32
@@ -43,28 +39,6 @@ SCALE_CONFIG = """\
 max_batch_size: 8
 scaling: {min_replicas: 2, max_replicas: 2, num_cpus: 0.5}
 """
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory):
-    """A one-node Ray cluster on 127.0.0.1 (4 logical CPUs), stopped after the module."""
-    port = _free_port()
-    # token authentication, as a local ray.init() turns on by itself (the driver sends ~/.ray/auth_token)
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
-    started = subprocess.run([RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
-                              "--num-cpus=4", "--include-dashboard=false", "--disable-usage-stats"],
-                             capture_output=True, text=True, env=env, timeout=180)
-    assert started.returncode == 0, started.stdout + started.stderr
-    yield f"127.0.0.1:{port}"
-    subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -92,43 +66,6 @@ def ray_server(ray_cluster, repo, tmp_path_factory):
 def single_server(repo, tmp_path_factory):
     with Server(repo, "--no-payload-log") as srv:
         yield srv
-
-
-def replica_processes(model: str) -> list[int]:
-    """PIDs of the model's replicas (Ray titles an actor's process ``ray::ServeReplica:<app>:<deployment>``)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if cmdline.startswith(f"ray::ServeReplica:{model}:{model}".encode()):
-                pids.append(int(entry.name))
-    return pids
-
-
-def metric_replicas(srv: Server, model: str) -> set[str]:
-    """The replicas whose metrics the driver's metrics port gathered with the model READY."""
-    text = httpx.get(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=10).text
-    pattern = re.compile(r'^modelserve_model_state\{(.*)\} 1\.0$', re.M)
-    found = set()
-    for labels in pattern.findall(text):
-        parts = dict(re.findall(r'(\w+)="([^"]*)"', labels))
-        if parts.get("model") == model and parts.get("state") == "READY":
-            found.add(parts["replica"])
-    return found
-
-
-def wait_for(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.5)
 
 
 def mlp_input(rows: int, seed: int) -> np.ndarray:
@@ -224,9 +161,10 @@ def test_replicas_grow_under_load_within_bounds_and_shrink_after(ray_server):
         stop.set()
         for w in workers:
             w.join(30)
+    print(f"autoscaling: at most {most} replicas of mlp under load, {len(outcomes)} requests")
     assert most == 2, f"expected the autoscaler to reach max_replicas=2 (and no more), saw {most}"
     assert outcomes and all(status == 200 for _, status in outcomes), {s for _, s in outcomes}
-    wait_for(lambda: len(metric_replicas(ray_server, "mlp")) == 1 and len(replica_processes("mlp")) == 1, 90,
+    wait_for_value(lambda: len(metric_replicas(ray_server, "mlp")) == 1 and len(replica_processes("mlp")) == 1, 90,
              "the mlp model to shrink back to min_replicas=1")
 
 
@@ -246,13 +184,14 @@ def test_killing_a_replica_fails_only_its_in_flight_requests_and_ray_restores_it
         for w in workers:
             w.join(30)
     failures = [(t, s) for t, s in outcomes if s != 200]
+    print(f"replica {victim} killed: {len(failures)} of {len(outcomes)} requests failed {[s for _, s in failures]}")
     after = [s for t, s in outcomes if t > killed_at + 1]
     # each client has at most one request in flight: at most `threads` can have been on the killed replica
     assert len(failures) <= threads, f"{len(failures)} failed: {failures}"
     assert after and all(s == 200 for s in after[len(failures):]), "the surviving replica kept answering"
-    wait_for(lambda: len(replica_processes("scale")) == 2 and victim not in replica_processes("scale"), 90,
+    wait_for_value(lambda: len(replica_processes("scale")) == 2 and victim not in replica_processes("scale"), 90,
              "Ray to start a replacement replica")
-    wait_for(lambda: len(metric_replicas(ray_server, "scale")) == 2, 60, "the new replica to serve")
+    wait_for_value(lambda: len(metric_replicas(ray_server, "scale")) == 2, 60, "the new replica to serve")
     client = httpclient.InferenceServerClient(ray_server.http_url)
     for _ in range(6):
         np.testing.assert_allclose(http_infer(client, "scale", "x", np.ones((1, 4), np.float32))["y"], 3.0)

@@ -1,0 +1,69 @@
+"""``modelserve serve --ray --registry``: every replica follows the registry alias of its model.
+
+A SQLite registry (one node: every replica opens the same file), a model with two versions that answer
+differently, two replicas; moving the alias must reach both replicas, seen from their own metrics and from
+the answers through Ray Serve's proxy.
+"""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+import pytest
+
+from conftest import Server, metric_replicas, needs, scale_model, wait_for_value
+from modelserve.registry import Registry
+
+pytestmark = [needs("ray"), pytest.mark.timeout(600)]
+
+SCALING = {"max_batch_size": 8, "scaling": {"min_replicas": 2, "max_replicas": 2, "num_cpus": 0.5}}
+
+
+def served_versions(srv: Server, model: str) -> dict[str, set[str]]:
+    """Replica -> the versions its metrics say are READY."""
+    text = httpx.get(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=10).text
+    found: dict[str, set[str]] = {}
+    for labels in re.findall(r'^modelserve_model_state\{(.*)\} 1\.0$', text, re.M):
+        parts = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        if parts.get("model") == model and parts.get("state") == "READY":
+            found.setdefault(parts["replica"], set()).add(parts["version"])
+    return found
+
+
+def answer(client: httpx.Client) -> tuple[str, float]:
+    r = client.post("/v2/models/alpha/infer", json={"inputs": [
+        {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 1, 1, 1]}]})
+    assert r.status_code == 200, r.text
+    return r.json()["model_version"], r.json()["outputs"][0]["data"][0]
+
+
+def test_an_alias_move_reaches_every_replica(ray_cluster, tmp_path):
+    url = f"sqlite:///{tmp_path}/registry.db"
+    registry = Registry(url, tmp_path / "artifacts", actor="test")
+    for factor in (2.0, 5.0):
+        registry.register(scale_model(tmp_path / f"scale-{factor:g}.onnx", factor), "alpha", config=SCALING)
+    registry.set_alias("alpha", "production", 1)
+    srv = Server(tmp_path / "unused", "--ray", "--ray-address", ray_cluster, "--registry", url,
+                 "--alias", "production", "--registry-poll", "0.5", "--registry-cache", str(tmp_path / "cache"),
+                 "--metrics-port", "0", "--monitor-db", f"sqlite:///{tmp_path}/monitor.db",
+                 "--monitor-spill", str(tmp_path / "spill.jsonl"), start_timeout=240)
+    try:
+        client = httpx.Client(base_url=f"http://{srv.http_url}", timeout=30)
+        before = wait_for_value(lambda: (v := served_versions(srv, "alpha")) and len(v) == 2 and v, 60,
+                                "two replicas serving version 1")
+        assert all(versions == {"1"} for versions in before.values()), before
+        assert {answer(client) for _ in range(10)} == {("1", 2.0)}
+
+        registry.set_alias("alpha", "production", 2, reason="ray test")
+        after = wait_for_value(
+            lambda: (v := served_versions(srv, "alpha")) and len(v) == 2
+            and all(versions == {"2"} for versions in v.values()) and v, 60,
+            "both replicas to serve version 2")
+        assert set(after) == set(before)  # the same replicas swapped, none restarted
+        assert {answer(client) for _ in range(20)} == {("2", 5.0)}
+        assert metric_replicas(srv, "alpha") == set(before)
+    finally:
+        code = srv.stop(timeout=120)
+        registry.close()
+    assert code == 0, srv.log()[-3000:]
