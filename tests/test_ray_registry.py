@@ -10,7 +10,9 @@ from __future__ import annotations
 import re
 
 import httpx
+import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 
 from conftest import Server, metric_replicas, needs, scale_model, wait_for_value
 from modelserve.registry import Registry
@@ -67,3 +69,44 @@ def test_an_alias_move_reaches_every_replica(ray_cluster, tmp_path):
         code = srv.stop(timeout=120)
         registry.close()
     assert code == 0, srv.log()[-3000:]
+
+
+def test_authentication_holds_on_every_path_of_the_ray_deployment(ray_cluster, tmp_path):
+    """--auth keys on Ray: the replicas (behind Ray's proxy), the gRPC front and the gathered metrics all
+    check the same keys."""
+    from modelserve.security import KeyStore
+
+    scale_model(tmp_path / "repo" / "beta" / "1" / "model.onnx", 4.0)
+    url = f"sqlite:///{tmp_path}/keys.db"
+    with KeyStore.open(url, client="test") as store:
+        reader, _ = store.create("reader", "reader", "beta", created_by="test")
+        operator, _ = store.create("operator", "operator", None, created_by="test")
+    srv = Server(tmp_path / "repo", "--ray", "--ray-address", ray_cluster, "--auth", "keys", "--keys-db", url,
+                 "--metrics-port", "0", "--no-payload-log", start_timeout=240)
+    try:
+        assert srv.output[-1].rstrip().endswith("auth=keys")
+        body = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 1, 1, 1]}]}
+        rest = httpx.Client(base_url=f"http://{srv.http_url}", timeout=30)
+        assert rest.post("/v2/models/beta/infer", json=body).status_code == 401
+        r = rest.post("/v2/models/beta/infer", json=body, headers={"Authorization": f"Bearer {reader}"})
+        assert r.status_code == 200 and r.json()["outputs"][0]["data"][0] == 4.0
+        assert rest.get("/v2/health/ready").status_code == 200  # health stays open
+
+        x = grpcclient.InferInput("x", [1, 4], "FP32")
+        x.set_data_from_numpy(np.ones((1, 4), np.float32))
+        with grpcclient.InferenceServerClient(srv.grpc_url) as g:
+            with pytest.raises(Exception, match="UNAUTHENTICATED"):
+                g.infer("beta", [x])
+            result = g.infer("beta", [x], headers={"authorization": f"Bearer {reader}"})
+            assert float(result.as_numpy("y")[0, 0]) == 4.0
+
+        metrics = f"http://127.0.0.1:{srv.metrics_port}/metrics"
+        assert httpx.get(metrics, timeout=10).status_code == 401
+        assert httpx.get(metrics, headers={"Authorization": f"Bearer {reader}"}, timeout=10).status_code == 403
+        r = httpx.get(metrics, headers={"Authorization": f"Bearer {operator}"}, timeout=10)
+        assert r.status_code == 200 and 'model="beta"' in r.text and "replica=" in r.text
+    finally:
+        code = srv.stop(timeout=120)
+    assert code == 0, srv.log()[-3000:]
+    for secret in (reader, operator):
+        assert secret not in srv.log()

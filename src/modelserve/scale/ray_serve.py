@@ -420,11 +420,29 @@ def run(settings: ServerSettings, address: str | None) -> None:
         log.info("%d model(s) deployed on Ray Serve in %.1f s", len(models), time.monotonic() - started)
         asyncio.run(_front(settings, list(models), http_port))
     finally:
-        for name in [*models, SERVER_APP]:
+        _undeploy([*models, SERVER_APP], local, settings.drain_timeout_s + 30)
+        ray.shutdown()
+
+
+def _undeploy(names: list[str], local: bool, timeout_s: float) -> None:
+    """Delete the applications (their replicas drain and store their payload logs) and, with a local Ray,
+    stop Serve; bounded, since a Ctrl-C that reached the whole process group may have stopped Ray already."""
+    import threading
+
+    from ray import serve
+
+    def work():
+        for name in names:
             try:
                 serve.delete(name)
             except Exception:  # noqa: BLE001 - a cluster gone already has nothing to delete
                 pass
         if local:
             serve.shutdown()
-        ray.shutdown()
+
+    worker = threading.Thread(target=work, name="ray-undeploy", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        log.error("Ray did not confirm the applications' deletion within %.0f s (is the cluster still up?)",
+                  timeout_s)
