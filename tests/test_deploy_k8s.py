@@ -304,9 +304,12 @@ def test_a_real_server_started_with_the_rendered_args_answers_the_probes_and_the
     secrets = {"MODELSERVE_REGISTRY_URL": url}
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODELSERVE_")}
     env.update(d["configmap.yaml"]["data"])
+    pod = {"metadata.name": "resnet-7d9f-abcde"}  # what the kubelet fills in from the downward API
     for e in c["env"]:
         if e["name"] in secrets:
             env[e["name"]] = secrets[e["name"]]
+        elif "fieldRef" in e.get("valueFrom", {}):
+            env[e["name"]] = pod[e["valueFrom"]["fieldRef"]["fieldPath"]]
     args = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in c["args"]]
     ports = {p["name"]: free_port() for p in c["ports"]}
     by_flag = {"--http-port": "http", "--grpc-port": "grpc", "--metrics-port": "metrics"}
@@ -342,6 +345,8 @@ def test_a_real_server_started_with_the_rendered_args_answers_the_probes_and_the
             scrape = client.get(f"{ann['prometheus.io/scheme']}://127.0.0.1:{ports['metrics']}"
                                 f"{ann['prometheus.io/path']}")  # no credentials, as a scrape by annotation
             assert scrape.status_code == 200 and 'model="scaler"' in scrape.text
+            series = [line for line in scrape.text.splitlines() if line.startswith("modelserve_model_state{")]
+            assert series and all('replica="resnet-7d9f-abcde"' in line for line in series)  # the pod's name
             assert client.get(f"http://127.0.0.1:{ports['http']}/v2/models/scaler").status_code == 401  # auth on
     finally:
         proc.send_signal(signal.SIGTERM)
