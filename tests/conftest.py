@@ -367,13 +367,15 @@ def replica_processes(model: str) -> list[int]:
 
 
 def metric_replicas(srv: Server, model: str) -> set[str]:
-    """The replicas whose metrics the driver's metrics port gathered with the model READY."""
+    """The replicas of the model's application (label ``<model>/<id>``) whose metrics the driver's metrics
+    port gathered with the model READY."""
     text = httpx.get(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=10).text
     pattern = re.compile(r'^modelserve_model_state\{(.*)\} 1\.0$', re.M)
     found = set()
     for labels in pattern.findall(text):
         parts = dict(re.findall(r'(\w+)="([^"]*)"', labels))
-        if parts.get("model") == model and parts.get("state") == "READY":
+        if parts.get("model") == model and parts.get("state") == "READY" and \
+                parts["replica"].startswith(f"{model}/"):
             found.add(parts["replica"])
     return found
 

@@ -39,6 +39,14 @@ SCALE_CONFIG = """\
 max_batch_size: 8
 scaling: {min_replicas: 2, max_replicas: 2, num_cpus: 0.5}
 """
+CHAIN_CONFIG = """\
+backend: pipeline
+inputs: [{name: raw, datatype: FP32, dims: [16]}]
+outputs: [{name: probs, datatype: FP32, dims: [4]}]
+steps:
+  - {model: mlp, inputs: {x: raw}, outputs: {probs: probs}}
+scaling: {num_cpus: 0.25}
+"""
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +56,9 @@ def repo(tmp_path_factory) -> Path:
     (root / "mlp" / "config.yaml").write_text(MLP_CONFIG)
     scale_model(root / "scale" / "1" / "model.onnx", 3.0)
     (root / "scale" / "config.yaml").write_text(SCALE_CONFIG)
+    # a pipeline: its replicas load the step's model too (a pipeline calls its steps in its own process)
+    (root / "chain").mkdir()
+    (root / "chain" / "config.yaml").write_text(CHAIN_CONFIG)
     return root
 
 
@@ -92,12 +103,12 @@ def test_same_answers_as_the_single_process_server(ray_server, single_server):
     local = httpclient.InferenceServerClient(single_server.http_url)
     local_grpc = grpcclient.InferenceServerClient(single_server.grpc_url)
     assert on_ray_http.is_server_ready() and on_ray_grpc.is_server_ready()
-    for model, name in (("mlp", "x"), ("scale", "x")):
+    for model, name in (("mlp", "x"), ("scale", "x"), ("chain", "raw")):
         assert on_ray_http.is_model_ready(model) and on_ray_grpc.is_model_ready(model)
         assert on_ray_http.get_model_metadata(model) == local.get_model_metadata(model)
         assert on_ray_grpc.get_model_metadata(model, as_json=True) == local_grpc.get_model_metadata(model, as_json=True)
         for seed in range(3):
-            x = mlp_input(seed + 1, seed) if model == "mlp" else mlp_input(seed + 1, seed)[:, :4]
+            x = mlp_input(seed + 1, seed)[:, :4] if model == "scale" else mlp_input(seed + 1, seed)
             want = http_infer(local, model, name, x)
             for got in (http_infer(on_ray_http, model, name, x), grpc_infer(on_ray_grpc, model, name, x)):
                 assert got.keys() == want.keys()
@@ -208,7 +219,8 @@ def test_metrics_carry_the_replica_identity(ray_server):
             replica = re.search(r'replica="([^"]+)"', line).group(1)
             counted[replica] = counted.get(replica, 0) + float(line.rsplit(" ", 1)[1])
     assert counted and sum(counted.values()) >= 5
-    assert set(counted) <= metric_replicas(ray_server, "mlp") | set(counted)
+    # the mlp application's replicas, and the chain pipeline's (which runs mlp in its own process)
+    assert counted and all(replica.startswith(("mlp/", "chain/")) for replica in counted), counted
     assert len(metric_replicas(ray_server, "scale")) == 2  # one series set per replica, each labelled
     # one family per name in the merged exposition (Prometheus refuses repeated TYPE lines)
     types = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")]

@@ -52,8 +52,9 @@ class _Mounted:
 class ModelReplica:
     """Deployed by ``ray_serve.deploy`` as ``serve.deployment(serve.ingress()(ModelReplica))``."""
 
-    def __init__(self, settings: dict, model: str):
-        self._settings, self.model = settings, model
+    def __init__(self, settings: dict, model: str, loads: list[str] | None = None):
+        #: ``loads``: the models this replica loads: ``model`` and, for a pipeline, its steps' models
+        self._settings, self.model, self.loads = settings, model, loads or [model]
         self.core = None
         self.replica_id = None
         self._metrics_task = self._metrics_http = None
@@ -65,9 +66,10 @@ class ModelReplica:
         from modelserve.server.app import Core
         from modelserve.settings import ServerSettings
 
-        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        context = serve.get_replica_context()
+        self.replica_id = f"{context.app_name}/{context.replica_id.unique_id}"  # which application, which replica
         settings = ServerSettings(**self._settings, replica=self.replica_id, model_control_mode="explicit",
-                                  load_models=[self.model])
+                                  load_models=self.loads)
         sys.setswitchinterval(settings.switch_interval_s)
         self.core = core = Core(settings)
         await core.start()
@@ -95,7 +97,7 @@ class ModelReplica:
         while not self._metrics_http.started and not self._metrics_task.done():
             await asyncio.sleep(0.01)
         address = f"[{host}]:{sock.getsockname()[1]}" if ":" in host else f"{host}:{sock.getsockname()[1]}"
-        self._metrics_key = f"{METRICS_KEY}{self.model}/{self.replica_id}"
+        self._metrics_key = f"{METRICS_KEY}{self.replica_id}"
         await asyncio.to_thread(lambda: internal_kv._internal_kv_put(self._metrics_key, address,
                                                                      namespace=KV_NAMESPACE))
 

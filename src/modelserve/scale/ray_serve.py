@@ -33,6 +33,7 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from modelserve.errors import ModelNotFound, ModelNotReady, ModelServeError, Unsupported
 from modelserve.scale.ray_replica import KV_NAMESPACE, METRICS_KEY, ModelReplica, ServerRoutes
@@ -78,8 +79,15 @@ def replica_settings(settings: ServerSettings) -> dict:
     return doc
 
 
-def models_to_deploy(settings: ServerSettings) -> dict[str, Scaling]:
-    """Model name -> its scaling: the repository's model folders, or the models the registry alias names."""
+class Planned(NamedTuple):
+    """One model's application: its scaling, and the models its replicas load (a pipeline's steps too)."""
+
+    scaling: Scaling
+    loads: list[str]
+
+
+def models_to_deploy(settings: ServerSettings) -> dict[str, Planned]:
+    """Model name -> its application: the repository's model folders, or the models the registry alias names."""
     from modelserve.server.config import parse_override, read_model_config
 
     if settings.registry:
@@ -93,23 +101,37 @@ def models_to_deploy(settings: ServerSettings) -> dict[str, Scaling]:
             targets = registry.serving_targets(settings.alias)
         finally:
             registry.close()
-        chosen = {name: parse_override(json.dumps({**(t.primary.config or {}), "name": name}), name).scaling
-                  for name, t in targets.items()}
+        configs = {name: parse_override(json.dumps({**(t.primary.config or {}), "name": name}), name)
+                   for name, t in targets.items()}
     else:
         repository = settings.model_repository
         if not repository.is_dir():
             raise FileNotFoundError(f"model repository {repository} is not a folder")
-        chosen = {d.name: read_model_config(d).scaling for d in sorted(repository.iterdir())
-                  if d.is_dir() and not d.name.startswith(".") and d.name != "stats"}
+        configs = {d.name: read_model_config(d) for d in sorted(repository.iterdir())
+                   if d.is_dir() and not d.name.startswith(".") and d.name != "stats"}
+    names = list(configs)
     if settings.load_models:
-        missing = sorted(set(settings.load_models) - set(chosen))
+        missing = sorted(set(settings.load_models) - set(configs))
         if missing:
             raise ModelNotFound(f"not found to deploy: {', '.join(missing)}")
-        chosen = {name: chosen[name] for name in settings.load_models}
-    if not chosen:
+        names = list(settings.load_models)
+    if not names:
         raise ModelNotFound("nothing to deploy: " + (f"no model has alias '{settings.alias}'" if settings.registry
                                                      else f"no model folder in {settings.model_repository}"))
-    return chosen
+    return {name: Planned(configs[name].scaling, _with_steps(name, configs)) for name in names}
+
+
+def _with_steps(name: str, configs: dict) -> list[str]:
+    """``name`` and, for a pipeline, every model its steps run (a pipeline calls them in its own process)."""
+    loads, todo = [], [name]
+    while todo:
+        current = todo.pop(0)
+        if current in loads:
+            continue
+        loads.append(current)
+        config = configs.get(current)
+        todo += [step.model for step in (config.steps if config is not None else [])]
+    return loads
 
 
 def deployment_options(scaling: Scaling) -> dict:
@@ -134,15 +156,15 @@ def deployment_options(scaling: Scaling) -> dict:
     return options
 
 
-def deploy(settings: ServerSettings, models: dict[str, Scaling]) -> None:
+def deploy(settings: ServerSettings, models: dict[str, Planned]) -> None:
     """One Ray Serve application per model (route prefix ``/v2/models/<model>``), then the server routes."""
     from ray import serve
 
     shared = replica_settings(settings)
     replica = serve.deployment(serve.ingress()(ModelReplica))
-    for name, scaling in models.items():
-        log.info("deploying model '%s' on Ray Serve (%s)", name, scaling)
-        app = replica.options(name=name, **deployment_options(scaling)).bind(shared, name)
+    for name, planned in models.items():
+        log.info("deploying model '%s' on Ray Serve (%s)", name, planned.scaling)
+        app = replica.options(name=name, **deployment_options(planned.scaling)).bind(shared, name, planned.loads)
         serve.run(app, name=name, route_prefix=f"/v2/models/{name}", logging_config=_RAY_LOGGING)
     routes = serve.deployment(serve.ingress()(ServerRoutes)).options(
         name="server", num_replicas=1, ray_actor_options={"num_cpus": 0})
