@@ -24,8 +24,11 @@ Then the log is checked: a last phase sends exactly `--verify` requests (httpx, 
 the rows counted in the SQLite file (`payload_log` table) must equal ON's successful inferences
 (`/v2/models/mlp/stats`), and grow by exactly `--verify` in that phase; `GET /v2/logs/status` must show
 nothing dropped, spilled or buffered. `--profile S` adds py-spy records (S seconds each, all samples
-and GIL-holding samples, ON and OFF server in turn under perf_analyzer c=32) and prints CPU µs per
-request by thread and function (py-spy from `$PY_SPY`, PATH, or /tmp/pyspy/bin/py-spy).
+and GIL-holding samples, ON and OFF server in turn under perf_analyzer c=32; the ON server's writer
+process is recorded alongside) and prints CPU µs per request by thread and function (py-spy from
+`$PY_SPY`, PATH, .venv/bin, or /tmp/pyspy/bin/py-spy). The writer process's CPU per request is also
+measured per ON phase (/proc, from the phase's start to the end of its flush: all the work of that
+phase's records), and the 1-minute load average is printed: other work on the machine shows there.
 """
 
 from __future__ import annotations
@@ -103,6 +106,33 @@ def proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def writer_pids(srv: Server) -> list[int]:
+    """The server's payload-log writer process(es): its children running ``modelserve.monitor.writer``."""
+    pids = []
+    for task in Path(f"/proc/{srv.proc.pid}/task").iterdir():
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for child in map(int, children):
+            try:
+                if b"modelserve.monitor.writer" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    pids.append(child)
+            except OSError:
+                continue
+    return pids
+
+
+def writer_cpu_s(srv: Server) -> float:
+    total = 0.0
+    for pid in writer_pids(srv):
+        try:
+            total += proc_cpu_s(pid)
+        except OSError:
+            pass
+    return total
+
+
 def successes(srv: Server) -> int:
     stats = httpx.get(f"http://{srv.http_url}/v2/models/mlp/stats", timeout=30).json()
     return int(stats["model_stats"][0]["inference_stats"]["success"]["count"])
@@ -122,7 +152,8 @@ def perf_analyzer(srv: Server, data: Path, conc: int, window_ms: int, out: Path)
     row = next(csv.DictReader(csv_path.open()))
     return {"ips": float(row["Inferences/Second"]), "p50": float(row["p50 latency"]) / 1e3,
             "p99": float(row["p99 latency"]) / 1e3, "requests": n1 - n0,
-            "cpu_us": 1e6 * (cpu1 - cpu0) / max(n1 - n0, 1), "cores": (cpu1 - cpu0) / (t1 - t0)}
+            "cpu_us": 1e6 * (cpu1 - cpu0) / max(n1 - n0, 1), "cores": (cpu1 - cpu0) / (t1 - t0),
+            "load": os.getloadavg()[0]}
 
 
 def flush(srv: Server) -> tuple[float, dict]:
@@ -161,31 +192,45 @@ def send_exactly(srv: Server, n: int, threads: int = 8) -> int:
 
 
 def py_spy() -> str | None:
-    for candidate in (os.environ.get("PY_SPY"), shutil.which("py-spy"), "/tmp/pyspy/bin/py-spy"):
+    for candidate in (os.environ.get("PY_SPY"), shutil.which("py-spy"), str(Path(sys.executable).parent / "py-spy"),
+                      "/tmp/pyspy/bin/py-spy"):
         if candidate and Path(candidate).is_file():
             return candidate
     return None
 
 
 def profile(srv: Server, data: Path, seconds: int, out: Path, gil: bool, rate: int = 200) -> dict:
-    """py-spy record (collapsed stacks, per thread) of one server while perf_analyzer holds c=32 on it;
-    the server's successful inferences over the recording turn samples into CPU µs per request."""
+    """py-spy record (collapsed stacks, per thread) of one server, and of its payload-log writer process
+    when it has one, while perf_analyzer holds c=32 on it; the server's successful inferences over the
+    recording turn samples into CPU µs per request."""
     raw = out / f"pyspy-{srv.http_port}-{'gil' if gil else 'all'}.txt"
     pa = subprocess.Popen([PERF_ANALYZER, "-m", "mlp", "-u", srv.http_url, "-i", "http", "-b", "1",
                            "--concurrency-range", "32:32", "--measurement-interval", str(1000 * (seconds + 30)),
                            "--stability-percentage", "1000", "--max-trials", "3", "--input-data", str(data)],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1.5)  # past perf_analyzer's start and warm-up
+
+    def record(pid: int, path: Path) -> subprocess.Popen:
+        return subprocess.Popen([py_spy(), "record", "--pid", str(pid), "--duration", str(seconds), "--rate",
+                                 str(rate), "--format", "raw", "--threads", "--full-filenames", "--nonblocking",
+                                 "--output", str(path)] + (["--gil"] if gil else []),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
     n0 = successes(srv)
-    subprocess.run([py_spy(), "record", "--pid", str(srv.proc.pid), "--duration", str(seconds), "--rate", str(rate),
-                    "--format", "raw", "--threads", "--full-filenames", "--nonblocking", "--output", str(raw)]
-                   + (["--gil"] if gil else []), capture_output=True, text=True, timeout=seconds + 60)
+    writers = writer_pids(srv)
+    spies = [record(srv.proc.pid, raw)]
+    if writers:
+        spies.append(record(writers[0], raw.with_name(raw.stem + "-writer.txt")))
+    for spy in spies:
+        spy.wait(seconds + 60)
     n1 = successes(srv)
     pa.kill()
     pa.wait()
     summary = summarize(raw)
     summary["us_per_sample_per_req"] = 1e6 / rate / max(n1 - n0, 1)
     summary["ips"] = (n1 - n0) / seconds
+    if writers and raw.with_name(raw.stem + "-writer.txt").exists():
+        summary["writer"] = summarize(raw.with_name(raw.stem + "-writer.txt"))
     return summary
 
 
@@ -255,13 +300,15 @@ def main() -> None:
             for conc in args.concurrency:
                 for rnd in range(args.rounds):
                     for name in (("on", "off") if rnd % 2 == 0 else ("off", "on")):
+                        w0 = writer_cpu_s(on)
                         r = perf_analyzer(servers[name], data, conc, args.window_ms, tmp)
                         results[(name, conc)].append(r)
                         extra = ""
                         if name == "on":
                             took, _ = flush(on)
                             flushes.append((conc, took))
-                            extra = f", flush after {1e3 * took:.0f} ms"
+                            r["writer_us"] = 1e6 * (writer_cpu_s(on) - w0) / max(r["requests"], 1)
+                            extra = f", flush after {1e3 * took:.0f} ms, writer process {r['writer_us']:.0f} cpu-µs/req"
                         print(f"c={conc} round {rnd + 1} log {name:>3}: {r['ips']:8.0f} inf/s p50 {r['p50']:.2f} ms "
                               f"p99 {r['p99']:.2f} ms, {r['cpu_us']:.0f} server cpu-µs/req{extra}", file=sys.stderr)
 
@@ -296,8 +343,9 @@ def main() -> None:
                f"two servers (log ON: SQLite + spill file; log OFF: `--no-payload-log`), phases alternated "
                f"ON,OFF / OFF,ON; figures pooled over {args.rounds} rounds (perf_analyzer's last window each).", "",
                "| concurrency | OFF inf/s | ON inf/s | cost 1-ON/OFF | OFF p50 ms | ON p50 ms | OFF p99 ms | ON p99 ms "
-               "| p99 ON/OFF | server cpu-µs/req OFF | ON | per-round ON/OFF | flush after ON phase (max) |",
-               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+               "| p99 ON/OFF | server cpu-µs/req OFF | ON | writer process cpu-µs/req | per-round ON/OFF "
+               "| flush after ON phase (max) | load avg (1 min) |",
+               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     worst = 0.0
     for conc in args.concurrency:
         on_r, off_r = results[("on", conc)], results[("off", conc)]
@@ -309,7 +357,9 @@ def main() -> None:
         report.append(f"| {conc} | {mean(off_r, 'ips'):.0f} | {mean(on_r, 'ips'):.0f} | **{100 * cost:.1f} %** | "
                       f"{mean(off_r, 'p50'):.2f} | {mean(on_r, 'p50'):.2f} | {mean(off_r, 'p99'):.2f} | "
                       f"{mean(on_r, 'p99'):.2f} | {mean(on_r, 'p99') / mean(off_r, 'p99'):.2f} | "
-                      f"{mean(off_r, 'cpu_us'):.0f} | {mean(on_r, 'cpu_us'):.0f} | {per_round} | {1e3 * fl:.0f} ms |")
+                      f"{mean(off_r, 'cpu_us'):.0f} | {mean(on_r, 'cpu_us'):.0f} | {mean(on_r, 'writer_us'):.0f} | "
+                      f"{per_round} | {1e3 * fl:.0f} ms | "
+                      f"{min(r['load'] for r in on_r + off_r):.1f}-{max(r['load'] for r in on_r + off_r):.1f} |")
     st = verify["status"]
     logged = verify["rows_after"] - verify["rows_before"]
     complete = verify["rows_after"] == verify["answered_after"] and logged == verify["sent"] == verify["sent_ok"]
@@ -357,6 +407,28 @@ def main() -> None:
             for fn in picked:
                 report.append(f"| {thread} | {fn} | {us(('on', False), thread, fn, 'incl'):.1f} | "
                               f"{us(('on', True), thread, fn, 'incl'):.1f} |")
+        if "writer" in prof[("on", False)]:
+            report += ["", "Writer process (`modelserve.monitor.writer`, nice +10), sampled alongside the ON server, "
+                       "µs per request of the server:", "", "| thread | all µs/req | GIL µs/req |", "|---|---|---|"]
+
+            def wus(gil_, thread, fn=None, table="threads"):
+                p = prof[("on", gil_)]
+                w = p.get("writer")
+                if w is None:
+                    return 0.0
+                n = w["threads"][thread] if fn is None else w[table][thread][fn]
+                return n * p["us_per_sample_per_req"]
+
+            wthreads = prof[("on", False)]["writer"]["threads"]
+            for thread, _ in wthreads.most_common(6):
+                report.append(f"| {thread} | {wus(False, thread):.1f} | {wus(True, thread):.1f} |")
+            report.append(f"| **all threads** | {sum(wus(False, t) for t in wthreads):.1f} | "
+                          f"{sum(wus(True, t) for t in prof[('on', True)].get('writer', {}).get('threads', {})):.1f} |")
+            report += ["", "Writer process functions by self time, µs per request:", "",
+                       "| thread | function (self) | all µs/req |", "|---|---|---|"]
+            for thread, _ in wthreads.most_common(3):
+                for fn, _ in prof[("on", False)]["writer"]["self"][thread].most_common(10):
+                    report.append(f"| {thread} | {fn} | {wus(False, thread, fn, 'self'):.1f} |")
         report += ["", "Event loop (MainThread): self time per request, ON minus OFF, the largest differences "
                    "(positive = ON spends more):", "",
                    "| function (self) | ON all µs/req | OFF all µs/req | ON − OFF | ON GIL | OFF GIL |",

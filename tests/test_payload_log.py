@@ -605,9 +605,16 @@ def test_kill_9_of_the_writer_process_loses_nothing_shipped(repo, tmp_path):
 
 
 def _pack(tensors: list) -> tuple:
-    from modelserve.monitor.payload_log import _pack_tensors
+    """As the shipper packs the records' tensors (held flat in its records: name, array, name, array ...)."""
+    from itertools import chain
 
-    return _pack_tensors(tuple(tensors))
+    from modelserve.monitor.payload_log import _columns, _pack_dicts
+
+    records = [("p", 0.0, "r", "m", "1", "v2-rest", None, 200, None, 0, 1, -1 if t is None else len(t), -1,
+                *chain.from_iterable((t or {}).items())) for t in tensors]
+    packed = _columns(records)[7]
+    assert packed[0] == _pack_dicts(tensors)[0]  # joined or not, as the dict-based packing decides
+    return packed
 
 
 def _same(a, b) -> bool:

@@ -1,9 +1,13 @@
 """Tensors to JSON for the payload log, and the prediction feedback is scored against.
 
-Runs in the payload log's writer thread, never on the request path: the request path keeps
+Runs in the payload log's writer process, never on the request path: the request path keeps
 references to the arrays (they are not mutated after the response) and this turns them into
 small JSON. Small tensors are kept as values; large ones as a summary that still lets one tell
 two payloads apart (sha256) and see drift (mean, std, min, max).
+
+``encode_packed`` is the writer's hot path: a column of records whose tensors the server shipped
+joined (one array per name) becomes each record's JSON text in one numpy pass per name, the text
+built from a template (no per-record dict); anything else goes through ``encode_many``/``encode``.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import hashlib
 import math
 
 import numpy as np
+import orjson
 
 #: a BYTES tensor is kept as text only when it is this short and valid UTF-8 (an image is not)
 MAX_TEXT_BYTES = 1024
@@ -79,9 +84,19 @@ def summary(array: np.ndarray) -> dict:
     return doc
 
 
+#: (array, its row_stats) of the last joined summary: drift asks for the same rows' statistics right after
+_last_stats: list = []
+
+
+def forget_stats() -> None:
+    _last_stats.clear()
+
+
 def row_stats(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Mean, std, min and max of each row of a 2-D numeric array, accumulated in float64 without a
     float64 copy of the rows (one pass for the sums; the summary's and drift's hot spot)."""
+    if _last_stats and _last_stats[0] is flat:  # the arrays are never mutated: the same object, the same rows
+        return _last_stats[1]
     if flat.dtype.kind != "f":
         flat = flat.astype(np.float64)
     n = flat.shape[1]
@@ -141,6 +156,105 @@ def encode_many(records: list[dict[str, np.ndarray] | None], max_values: int) ->
     return out
 
 
+_JSON = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
+
+
+def dumps(value) -> str:
+    return orjson.dumps(value, option=_JSON).decode()
+
+
+def _split_rows(rows: np.ndarray) -> list[str]:
+    """Each row of ``rows`` (rows first, any rank) as JSON text, its values as ``tolist()`` gives them: one
+    orjson call for all of them, cut at the row boundaries (a run of as many closing brackets as a row
+    nests, which no row holds inside)."""
+    if rows.dtype.kind == "f":
+        rows = rows.astype(np.float64, copy=False)  # float32 values written as tolist() writes them
+    depth = rows.ndim - 1
+    text = orjson.dumps(rows, option=orjson.OPT_SERIALIZE_NUMPY).decode()
+    if not depth:
+        return text[1:-1].split(",")
+    open_, close = "[" * depth, "]" * depth
+    return list(map(f"{open_}%s{close}".__mod__, text[1 + depth:-1 - depth].split(f"{close},{open_}")))
+
+
+def _joined_texts(joined: np.ndarray, counts: list[int], max_values: int) -> list[str] | None:
+    """The JSON text of each record's tensor (``encode``'s document), when every record holds the same
+    number of rows of a numeric tensor (``joined``: the records' tensors joined along axis 0); None for
+    anything else (the caller encodes record by record). Per record only C-level work: the values or
+    the summary's numbers come from one orjson call per column, the sha256 from hashlib."""
+    n = len(counts)
+    if not n or joined.ndim == 0 or joined.dtype.kind not in "biuf":
+        return None
+    k = counts[0]
+    if counts.count(k) != n or len(joined) != k * n:
+        return None
+    shape = (k, *joined.shape[1:])
+    size = math.prod(shape)
+    if not size:
+        return None
+    if size <= max_values:
+        return _split_rows(joined.reshape(n, *shape))
+    flat = np.ascontiguousarray(joined).reshape(n, size)
+    if flat.dtype.kind == "f" and not np.isfinite(flat).all():  # per record, counting the non-finite
+        return None
+    stats = row_stats(flat)
+    if not all(np.isfinite(s).all() for s in stats):
+        return None
+    if joined.shape == flat.shape:  # one row per record: drift's features of this input are these
+        _last_stats[:] = [joined, stats]
+    buf = memoryview(flat).cast("B")
+    step = size * flat.itemsize
+    sha = hashlib.sha256
+    digests = [sha(buf[i:i + step]).hexdigest() for i in range(0, n * step, step)]
+    template = (f'{{"summary":true,"shape":{orjson.dumps(list(shape)).decode()},"dtype":'
+                f'{orjson.dumps(_dtype(flat)).decode()},').replace("%", "%%")
+    template += '"mean":%s,"std":%s,"min":%s,"max":%s,"sha256":"%s"}'
+    return list(map(template.__mod__, zip(*map(_split_rows, stats), digests)))
+
+
+def encode_packed(packed: tuple, count: int, max_values: int) -> list[str | None]:
+    """A column of ``count`` records' tensors as the server ships it (``("c", {name: (joined, rows per
+    record)})`` or ``("l", [dict | None, ...])``, see ``payload_log._pack_flat``) -> each record's
+    ``encode_all`` document as JSON text (None where the record has no tensors)."""
+    kind, value = packed
+    if kind == "c" and value:
+        parts = []
+        for name, (joined, counts) in value.items():
+            texts = _joined_texts(joined, counts, max_values)
+            if texts is None:
+                break
+            parts.append((dumps(name), texts))
+        else:
+            if len(parts) == 1:
+                key, texts = parts[0]
+                return [f"{{{key}:{t}}}" for t in texts]
+            keys = [key for key, _ in parts]
+            return ["{" + ",".join(f"{k}:{t}" for k, t in zip(keys, row)) + "}"
+                    for row in zip(*(texts for _, texts in parts))]
+        records = unpack(packed)
+    else:
+        records = list(value) if kind == "l" else unpack(packed)
+    return [None if doc is None else dumps(doc) for doc in encode_many(records, max_values)]
+
+
+def unpack(packed: tuple) -> list:
+    """``payload_log._pack_flat``'s output -> one dict (or None) per record; joined arrays come back as views."""
+    kind, value = packed
+    if kind == "l":
+        return list(value)
+    parts = []
+    for joined, counts in value.values():
+        if len(counts) == len(joined) and counts.count(1) == len(counts):  # one row each: the common case
+            parts.append([joined[i:i + 1] for i in range(len(joined))])
+        else:
+            ends = np.cumsum(counts).tolist()
+            parts.append([joined[end - c:end] for c, end in zip(counts, ends)])
+    names = list(value)
+    if len(names) == 1:
+        return [{names[0]: part} for part in parts[0]]
+    return [dict(zip(names, row)) for row in zip(*parts)]
+
+
 def _rows(array: np.ndarray, batching: bool) -> np.ndarray:
     """Rows first, one row per request row (a model without batching: the whole tensor is one row)."""
     if batching and array.ndim:
@@ -187,6 +301,38 @@ def prediction(outputs: dict[str, np.ndarray] | None, batching: bool, task: str 
         if per_row > 1:
             return {"kind": "class", "values": rows.argmax(axis=1).tolist()}
     return None
+
+
+def predictions_packed(packed: tuple, count: int, batching: bool, task: str = "auto") -> list[str | None] | None:
+    """Each record's ``prediction`` as JSON text, from outputs shipped joined (``encode_packed``'s "c" form) of a
+    batching model: one ``prediction`` of the joined outputs, cut per record (row-wise, so the same result).
+    None when the outputs are not joined that way (the caller goes record by record)."""
+    kind, value = packed
+    if kind != "c" or not value or not batching:
+        return None
+    columns = list(value.values())
+    counts = columns[0][1]
+    if any(c != counts for _, c in columns[1:]) or len(counts) != count:
+        return None
+    whole = prediction({name: joined for name, (joined, _) in value.items()}, True, task)
+    if whole is None:
+        return [None] * count
+    kind, values, labels = whole["kind"], whole["values"], whole.get("labels")
+    if len(values) != sum(counts):
+        return None
+    if kind == "class" and labels is None and counts.count(1) == count:
+        try:  # one class id per record: the common case, filled in C
+            return list(map('{"kind":"class","values":[%d]}'.__mod__, values))
+        except TypeError:  # a None (an empty row)
+            pass
+    out, start = [], 0
+    for c in counts:
+        doc = {"kind": kind, "values": values[start:start + c]}
+        if labels is not None:
+            doc["labels"] = labels[start:start + c]
+        out.append(dumps(doc))
+        start += c
+    return out
 
 
 def _firsts(rows: np.ndarray, convert) -> list:

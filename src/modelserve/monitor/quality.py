@@ -17,6 +17,9 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict, deque
+from operator import itemgetter
+
+import orjson
 
 from modelserve.errors import Conflict, InvalidInput, ModelNotReady
 
@@ -96,24 +99,31 @@ class QualityTracker:
         self.window = window
         self.capacity = remember
         self._lock = threading.Lock()
-        self._predictions: OrderedDict[str, tuple[str, str | None, dict]] = OrderedDict()
+        #: request id -> (request id, model, version, prediction)
+        self._predictions: OrderedDict[str, tuple[str, str, str | None, dict | str]] = OrderedDict()
         self._given: OrderedDict[str, None] = OrderedDict()  # request ids with feedback, newest last
         self._windows: dict[tuple[str, str | None], deque] = {}
         self._kinds: dict[tuple[str, str | None], str] = {}
         self._feedback_count: dict[tuple[str, str | None], int] = {}
 
-    def remember(self, items: list[tuple[str, str, str | None, dict]]) -> None:
-        """(request_id, model, version, prediction) of logged requests; the oldest fall out past capacity."""
+    def remember(self, items: list[tuple[str, str, str | None, dict | str]]) -> None:
+        """(request_id, model, version, prediction) of logged requests, the prediction as a dict or as its JSON
+        text (the writer keeps the text it stores: decoded only when feedback comes); the oldest fall out
+        past capacity."""
         if not items:
             return
         with self._lock:  # one C-level update per cycle; a request id logged twice keeps its first place
-            self._predictions.update((rid, (model, version, prediction)) for rid, model, version, prediction in items)
+            self._predictions.update(zip(map(itemgetter(0), items), items))  # the item itself: no tuple per row
             while len(self._predictions) > self.capacity:
                 self._predictions.popitem(last=False)
 
     def lookup(self, request_id: str) -> tuple[str, str | None, dict] | None:
         with self._lock:
-            return self._predictions.get(request_id)
+            found = self._predictions.get(request_id)
+        if found is None:
+            return None
+        _, model, version, prediction = found
+        return model, version, orjson.loads(prediction) if isinstance(prediction, str) else prediction
 
     def given(self, request_id: str) -> bool:
         with self._lock:
