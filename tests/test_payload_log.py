@@ -683,3 +683,37 @@ def orjson_dumps(value) -> str:
     import orjson
 
     return orjson.dumps(value).decode()
+
+
+def test_a_writer_far_behind_bounds_the_servers_memory_and_counts_what_it_drops(repo, tmp_path):
+    """The writer process stopped (SIGSTOP: as starved of CPU as it gets) under load: requests keep being
+    answered without waiting; the server holds at most 2 x --monitor-max-buffer records and counts the rest
+    as dropped; once the writer runs again, stored rows + dropped = requests, nothing stored twice."""
+    import signal
+
+    url = sqlite_url(tmp_path)
+    limit = 300
+    server = Server(repo, "--monitor-db", url, "--monitor-spill", str(tmp_path / "spill.jsonl"),
+                    env={"MODELSERVE_MONITOR_MAX_BUFFER": str(limit)})
+    with server:
+        writer = _writer_pid(server)
+        os.kill(writer, signal.SIGSTOP)
+        sent: list[str] = []
+        try:
+            with httpx.Client(base_url=f"http://{server.http_url}", timeout=30) as client:
+                for i in range(1500):
+                    status, rid, _ = rest(client, "mlp", np.full((1, FEATURES), i, np.float32))
+                    assert status == 200
+                    sent.append(rid)
+                time.sleep(0.6)  # two shipper cycles
+        finally:
+            os.kill(writer, signal.SIGCONT)
+        with httpx.Client(base_url=f"http://{server.http_url}") as client:
+            status = flush(client)
+    assert status["flushed"] and status["writer_restarts"] == 0
+    ids = [r["request_id"] for r in stored(url)]
+    dropped = status["dropped"]
+    assert len(ids) == len(set(ids)) and set(ids) <= set(sent)
+    # what was shipped before the backlog reached the limit (whole batches), plus up to `limit` waiting
+    assert dropped > 0 and limit <= len(ids) and len(ids) + dropped == len(sent), (len(ids), dropped)
+    assert "new records are dropped" in server.log()

@@ -43,8 +43,10 @@ drains: ``close()`` ships everything it holds, the writer stores it and exits. `
 loses at most the records not yet shipped (that last cycle): the writer process sees its connections
 close, stores what it received (database or spill file) and exits; the spill file survives and is
 replayed at the next start. The writer process dying alone loses nothing that was shipped (see above).
-The only other loss: the database down *and* the spill file unwritable (disk full) for longer than
-``max_buffer`` records, counted in ``dropped`` and logged.
+The only other losses, counted in ``dropped`` and logged: the database down *and* the spill file
+unwritable (disk full) for longer than ``max_buffer`` records; and the writer process ``max_buffer``
+records behind (starved of CPU for long, or failing to start), where this process stops shipping and,
+``max_buffer`` records later, drops new records rather than grow without bound.
 """
 
 from __future__ import annotations
@@ -354,6 +356,9 @@ class PayloadLog:
         self._append(("f", {**row, "_t": "f", "at": time.time()}))
 
     def _append(self, record: tuple) -> None:
+        if len(self._buf) >= self.max_buffer:  # the writer is that far behind (or down): memory stays bounded
+            self._drop()
+            return
         self._buf.append(record)
         self._seq_in += 1
         if len(self._buf) >= self.batch_size and not self._wake.is_set():
@@ -474,8 +479,20 @@ class PayloadLog:
             if time.monotonic() < self._restart_at:
                 return  # the records wait in the buffer
             self._restart()
-        while self._buf:
+        # at most max_buffer records shipped and not yet stored: the rest wait here (and past max_buffer more,
+        # new ones are dropped, counted), so a writer starved of CPU cannot make this process grow without end
+        while self._buf and self._shipped - self._done_records < self.max_buffer:
             self._ship([self._buf.popleft() for _ in range(min(len(self._buf), self.batch_size))])
+        if self._dropping and len(self._buf) < self.max_buffer // 2:
+            self._dropping = False
+            log.warning("payload log: the writer process caught up; %d records dropped so far", self.dropped)
+
+    def _drop(self) -> None:
+        self.dropped += 1
+        if not self._dropping:
+            self._dropping = True
+            log.error("payload log: %d records wait for the writer process (CPU-starved, or restarting): new "
+                      "records are dropped, and counted, until it catches up", len(self._buf))
 
     def _restart(self) -> None:
         """A new writer process; the batches the dead one had not stored are sent to it again (their rows
@@ -553,6 +570,7 @@ class PayloadLog:
             pass
 
     _warned_backlog = False
+    _dropping = False
 
     # -- waiting, reading, closing (never called on the request path) ----------------------
 
