@@ -647,12 +647,12 @@ def test_columnar_encoding_gives_the_documents_of_encode_all(max_values):
     for records in cases:
         texts = encode_packed(_pack(records), len(records), max_values)
         assert len(texts) == len(records)
-        for record, text in zip(records, texts):
+        for record, doc in zip(records, texts):
             expected = encode_all(record, max_values)
-            assert (text is None) == (expected is None)
-            if text is not None:
-                assert _same(json.loads(text), json.loads(json.dumps(expected, default=str).replace("NaN", "null")
-                                                          .replace("Infinity", "null"))), (record, text)
+            assert (doc is None) == (expected is None)
+            if doc is not None:
+                assert _same(json.loads(doc), json.loads(json.dumps(expected, default=str).replace("NaN", "null")
+                                                          .replace("Infinity", "null"))), (record, doc)
     outputs = [
         [{"probs": rng.random((1, 10)).astype(np.float32)} for _ in range(40)],
         [{"probs": rng.random((1 + i % 2, 10)).astype(np.float32)} for i in range(7)],
