@@ -662,8 +662,8 @@ def test_columnar_encoding_gives_the_documents_of_encode_all(max_values):
     for records in outputs:
         texts = predictions_packed(_pack(records), len(records), True)
         assert texts is not None
-        for record, text in zip(records, texts):
-            assert json.loads(text) == json.loads(json.dumps(prediction(record, True)))
+        for record, doc in zip(records, texts):
+            assert json.loads(doc) == json.loads(json.dumps(prediction(record, True)))
     assert predictions_packed(_pack(outputs[0]), 40, False) is None  # no batching: record by record
 
 
