@@ -65,6 +65,27 @@ def test_an_alias_move_reaches_every_replica(ray_cluster, tmp_path):
         assert set(after) == set(before)  # the same replicas swapped, none restarted
         assert {answer(client) for _ in range(20)} == {("2", 5.0)}
         assert metric_replicas(srv, "alpha") == set(before)
+
+        # a model given the alias after start gets its application; taking the alias away deletes it
+        registry.register(scale_model(tmp_path / "scale-7.onnx", 7.0), "gamma",
+                          config={"max_batch_size": 8, "scaling": {"num_cpus": 0.25}})
+        registry.set_alias("gamma", "production", 1)
+        body = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 1, 1, 1]}]}
+        r = wait_for_value(lambda: (r := client.post("/v2/models/gamma/infer", json=body)).status_code == 200 and r,
+                           90, "the new model's application")
+        assert r.json()["outputs"][0]["data"][0] == 7.0
+        with grpcclient.InferenceServerClient(srv.grpc_url) as g:
+            def grpc_ready() -> bool:
+                try:
+                    return g.is_model_ready("gamma")
+                except Exception:  # noqa: BLE001 - NOT_FOUND until the driver has added its handle
+                    return False
+
+            assert wait_for_value(grpc_ready, 10, "the gRPC front to know gamma")
+        registry.delete_alias("gamma", "production", reason="ray test")
+        wait_for_value(lambda: client.post("/v2/models/gamma/infer", json=body).status_code == 404, 60,
+                       "the application of a model without the alias to go")
+        assert answer(client) == ("2", 5.0)  # the others untouched
     finally:
         code = srv.stop(timeout=120)
         registry.close()

@@ -20,12 +20,15 @@ request to the model's deployment handle (Ray routes it to the least busy replic
 
 State shared by the replicas: the registry (PostgreSQL; SQLite only on one node) and the artifact store
 (S3, or a folder every node sees); each replica follows the alias of its own model, so an alias move
-reaches every replica within the registry poll interval. Payload logs go to the one monitor database.
+reaches every replica within the registry poll interval, and the driver deploys a model that gets the
+alias after start (and deletes the application of one that loses it). Payload logs go to the one monitor
+database.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -161,14 +164,64 @@ def deploy(settings: ServerSettings, models: dict[str, Planned]) -> None:
     from ray import serve
 
     shared = replica_settings(settings)
-    replica = serve.deployment(serve.ingress()(ModelReplica))
     for name, planned in models.items():
-        log.info("deploying model '%s' on Ray Serve (%s)", name, planned.scaling)
-        app = replica.options(name=name, **deployment_options(planned.scaling)).bind(shared, name, planned.loads)
-        serve.run(app, name=name, route_prefix=f"/v2/models/{name}", logging_config=_RAY_LOGGING)
+        deploy_model(shared, name, planned)
     routes = serve.deployment(serve.ingress()(ServerRoutes)).options(
         name="server", num_replicas=1, ray_actor_options={"num_cpus": 0})
     serve.run(routes.bind(shared, sorted(models)), name=SERVER_APP, route_prefix="/", logging_config=_RAY_LOGGING)
+
+
+def deploy_model(shared: dict, name: str, planned: Planned) -> None:
+    """The model's application; returns once its replicas are up (Ray raises if they cannot start)."""
+    from ray import serve
+
+    log.info("deploying model '%s' on Ray Serve (%s)", name, planned.scaling)
+    replica = serve.deployment(serve.ingress()(ModelReplica))
+    app = replica.options(name=name, **deployment_options(planned.scaling)).bind(shared, name, planned.loads)
+    serve.run(app, name=name, route_prefix=f"/v2/models/{name}", logging_config=_RAY_LOGGING)
+
+
+async def follow_alias(settings: ServerSettings, deployed: dict[str, Planned], dataplane: RemoteDataplane) -> None:
+    """Registry mode: a model that gets the alias after start gets its application, one that loses the alias
+    loses it (the replicas themselves follow their model's version moves). Polls ``last_change()`` every
+    ``registry_poll_s``, like the replicas; reads the alias's models only when it moves."""
+    from ray import serve
+
+    from modelserve.registry import Registry
+
+    rs = settings.registry_settings()
+    registry = Registry(rs.url, rs.artifacts_url(), rs.storage_options, rs.actor or None, upgrade=False)
+    shared, seen = replica_settings(settings), None
+    try:
+        while True:
+            await asyncio.sleep(settings.registry_poll_s)
+            try:
+                change = await asyncio.to_thread(registry.last_change)
+                if change == seen:
+                    continue
+                try:
+                    wanted = await asyncio.to_thread(models_to_deploy, settings)
+                except ModelNotFound:
+                    wanted = {}
+                seen = change
+            except Exception as exc:  # noqa: BLE001 - the database down: what is deployed goes on serving
+                log.warning("registry unreachable, deployed models go on serving: %s", exc)
+                continue
+            for name in sorted(set(wanted) - set(deployed)):
+                try:
+                    await asyncio.to_thread(deploy_model, shared, name, wanted[name])
+                except Exception as exc:  # noqa: BLE001 - refused until the registry changes again
+                    log.error("model '%s' could not be deployed: %s", name, exc)
+                    continue
+                deployed[name] = wanted[name]
+                dataplane.add(name)
+            for name in sorted(set(deployed) - set(wanted)):
+                log.info("model '%s' has no alias '%s' any more: deleting its application", name, settings.alias)
+                dataplane.remove(name)
+                del deployed[name]
+                await asyncio.to_thread(serve.delete, name)
+    finally:
+        await asyncio.to_thread(registry.close)
 
 
 # -- the gRPC front -------------------------------------------------------------------------------
@@ -191,6 +244,15 @@ class RemoteDataplane:
         self._described: dict[str, dict] = {}
         self._task: asyncio.Task | None = None
 
+    def add(self, model: str) -> None:
+        from ray import serve
+
+        self.handles[model] = serve.get_app_handle(model)
+
+    def remove(self, model: str) -> None:
+        self.handles.pop(model, None)
+        self._described.pop(model, None)
+
     async def start(self) -> None:
         await self._refresh()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="ray-describe")
@@ -211,7 +273,7 @@ class RemoteDataplane:
             except Exception as exc:  # noqa: BLE001 - no replica answered: not ready until one does
                 self._described[name] = {"ready": False, "error": str(exc)}
 
-        await asyncio.gather(*(one(n, h) for n, h in self.handles.items()))
+        await asyncio.gather(*(one(n, h) for n, h in list(self.handles.items())))
 
     def _doc(self, model: str) -> dict:
         if model not in self.handles:
@@ -362,15 +424,17 @@ def _free_port(host: str) -> int:
         return sock.getsockname()[1]
 
 
-async def _front(settings: ServerSettings, models: list[str], http_port: int) -> None:
+async def _front(settings: ServerSettings, models: dict[str, Planned], http_port: int) -> None:
     from modelserve.server import secure
     from modelserve.server.app import _address, _bind, _security, _limits, metrics_server
     from modelserve.server.grpc_service import NOT_SERVING, SERVING, create_server
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per replica per scrape says nothing
     access, refresher = _security(settings)
-    dataplane = RemoteDataplane(models)
+    dataplane = RemoteDataplane(list(models))
     await dataplane.start()
+    following = asyncio.create_task(follow_alias(settings, models, dataplane), name="ray-follow-alias") \
+        if settings.registry else None
     grpc_server = health = None
     parts = []
     if settings.grpc_port >= 0:
@@ -399,6 +463,10 @@ async def _front(settings: ServerSettings, models: list[str], http_port: int) ->
     await stop.wait()
     log.info("shutting down the gRPC front and the Ray Serve applications")
     dataplane.ready = False
+    if following is not None:  # no application is added or deleted while shutting down
+        following.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await following
     if health:
         await health.set("", NOT_SERVING)
     if grpc_server:
@@ -440,9 +508,9 @@ def run(settings: ServerSettings, address: str | None) -> None:
             http_port = running.port
         deploy(settings, models)
         log.info("%d model(s) deployed on Ray Serve in %.1f s", len(models), time.monotonic() - started)
-        asyncio.run(_front(settings, list(models), http_port))
+        asyncio.run(_front(settings, models, http_port))
     finally:
-        _undeploy([*models, SERVER_APP], local, settings.drain_timeout_s + 30)
+        _undeploy([*models, SERVER_APP], local, settings.drain_timeout_s + 30)  # what the follower left deployed
         ray.shutdown()
 
 
