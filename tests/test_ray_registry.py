@@ -131,3 +131,25 @@ def test_authentication_holds_on_every_path_of_the_ray_deployment(ray_cluster, t
     assert code == 0, srv.log()[-3000:]
     for secret in (reader, operator):
         assert secret not in srv.log()
+
+
+def test_a_model_that_cannot_load_stops_the_deployment_with_its_reason(ray_cluster, tmp_path):
+    """A bad config is refused before Ray is touched; a corrupt model file is refused by its replicas, and the
+    driver exits 2 with the replica's reason (not Ray's traceback), its applications deleted."""
+    import subprocess
+    import sys
+
+    bad_config = tmp_path / "config-repo"
+    scale_model(bad_config / "m" / "1" / "model.onnx", 1.0)
+    (bad_config / "m" / "config.yaml").write_text("scaling: {min_replicas: 3, max_replicas: 1}\n")
+    corrupt = tmp_path / "file-repo"
+    (corrupt / "broken" / "1").mkdir(parents=True)
+    (corrupt / "broken" / "1" / "model.onnx").write_bytes(b"not an onnx file")
+    for repo, reason in ((bad_config, "min_replicas (3) is above max_replicas (1)"), (corrupt, "INVALID_PROTOBUF")):
+        done = subprocess.run([sys.executable, "-m", "modelserve", "serve", "--ray", "--ray-address", ray_cluster,
+                               "--model-repository", str(repo), "--http-port", "0", "--grpc-port", "-1",
+                               "--no-payload-log"], capture_output=True, text=True, timeout=180)
+        errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+        assert done.returncode == 2 and len(errors) == 1 and reason in errors[0], done.stderr[-3000:]
+        # the driver's own output has no traceback (Ray forwards its replicas' logs, prefixed "(… pid=…)")
+        assert not [line for line in done.stderr.splitlines() if "Traceback" in line and "pid=" not in line]

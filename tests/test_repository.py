@@ -45,6 +45,8 @@ def test_config_sources_and_broken_models(tmp_path):
     mlp_model(repo / "wrongname" / "1" / "model.onnx")
     (repo / "wrongname" / "config.yaml").write_text("inputs:\n  - {name: nope, datatype: FP32, dims: [16]}\n")
     (repo / "empty").mkdir()
+    mlp_model(repo / "negbatch" / "1" / "model.onnx")
+    (repo / "negbatch" / "config.yaml").write_text("max_batch_size: -3\n")
 
     with Server(repo) as srv:
         url = f"http://{srv.http_url}"
@@ -66,6 +68,7 @@ def test_config_sources_and_broken_models(tmp_path):
         assert "parse" in index[("badconfig", None)]["reason"]
         assert "nope" in index[("wrongname", "1")]["reason"]
         assert "no version folder" in index[("empty", None)]["reason"]
+        assert "max_batch_size" in index[("negbatch", None)]["reason"]  # refused, not served with a batch of -3
         # the broken ones answer clearly, the good ones serve
         r = httpx.post(f"{url}/v2/models/corrupt/infer", json={"inputs": []})
         assert r.status_code == 503 and "error" in r.json()

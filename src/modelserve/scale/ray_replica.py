@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 #: Ray key-value namespace and key prefix under which replicas record their metrics address
 KV_NAMESPACE = "modelserve"
 METRICS_KEY = "metrics/"
+#: how a replica whose model cannot load says so (the driver finds the reason in Ray's status by it)
+DID_NOT_LOAD = "the model did not load:"
 
 
 class _Mounted:
@@ -75,8 +77,9 @@ class ModelReplica:
         await core.start()
         entry = core.manager.models.get(self.model)
         if entry is None or not entry.ready_versions():
-            reason = (entry.reason if entry is not None else None) or "nothing to serve"
-            raise RuntimeError(f"model '{self.model}' did not load: {reason}")
+            reasons = [r["reason"] for r in core.manager.index() if r["name"] == self.model and r.get("reason")]
+            await core.close()
+            raise RuntimeError(f"{DID_NOT_LOAD} {'; '.join(reasons) or 'nothing to serve'}")
         core.dataplane.ready = True
         await self._serve_metrics(settings)
         log.info("replica %s of model '%s' ready (pid %d)", self.replica_id, self.model, os.getpid())

@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -38,8 +39,8 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-from modelserve.errors import ModelNotFound, ModelNotReady, ModelServeError, Unsupported
-from modelserve.scale.ray_replica import KV_NAMESPACE, METRICS_KEY, ModelReplica, ServerRoutes
+from modelserve.errors import ModelLoadError, ModelNotFound, ModelNotReady, ModelServeError, Unsupported
+from modelserve.scale.ray_replica import DID_NOT_LOAD, KV_NAMESPACE, METRICS_KEY, ModelReplica, ServerRoutes
 from modelserve.server.config import Scaling
 from modelserve.server.dataplane import Dataplane, InferRequest, InferResponse, header_safe, new_request_id
 from modelserve.settings import ServerSettings
@@ -178,7 +179,26 @@ def deploy_model(shared: dict, name: str, planned: Planned) -> None:
     log.info("deploying model '%s' on Ray Serve (%s)", name, planned.scaling)
     replica = serve.deployment(serve.ingress()(ModelReplica))
     app = replica.options(name=name, **deployment_options(planned.scaling)).bind(shared, name, planned.loads)
-    serve.run(app, name=name, route_prefix=f"/v2/models/{name}", logging_config=_RAY_LOGGING)
+    try:
+        serve.run(app, name=name, route_prefix=f"/v2/models/{name}", logging_config=_RAY_LOGGING)
+    except RuntimeError as exc:  # Ray gave up starting the replicas: say why, in the replicas' words
+        reason = _why(str(exc))
+        serve.delete(name)
+        raise ModelLoadError(f"model '{name}' could not be deployed on Ray Serve: {reason}") from None
+
+
+def _why(failure: str) -> str:
+    """The replica's reason (``DID_NOT_LOAD ...``) out of Ray's status messages, else Ray's own message."""
+    from ray import serve
+
+    texts = [failure]
+    for app in serve.status().applications.values():
+        texts += [app.message, *(d.message for d in app.deployments.values())]
+    for text in texts:
+        found = re.search(re.escape(DID_NOT_LOAD) + r" ([^\n]+)", text or "")
+        if found:
+            return found.group(1).strip()
+    return failure
 
 
 async def follow_alias(settings: ServerSettings, deployed: dict[str, Planned], dataplane: RemoteDataplane) -> None:
@@ -506,7 +526,11 @@ def run(settings: ServerSettings, address: str | None) -> None:
             log.warning("Ray Serve already runs on this cluster, its HTTP proxy on port %d: the models are there",
                         running.port)
             http_port = running.port
-        deploy(settings, models)
+        try:
+            deploy(settings, models)
+        except ModelServeError as exc:
+            print(f"error: {exc.message}", file=sys.stderr)
+            raise SystemExit(2) from None
         log.info("%d model(s) deployed on Ray Serve in %.1f s", len(models), time.monotonic() - started)
         asyncio.run(_front(settings, models, http_port))
     finally:

@@ -197,7 +197,7 @@ class ModelConfig(_Strict):
     backend: str = "onnxruntime"
     platform: str = ""
     #: 0 = the model takes no implicit batch dimension; None = decide from the model file
-    max_batch_size: int | None = None
+    max_batch_size: int | None = Field(default=None, ge=0)
     inputs: list[TensorConfig] = Field(default=[], alias="input")
     outputs: list[TensorConfig] = Field(default=[], alias="output")
     dynamic_batching: DynamicBatching | None = None
