@@ -303,6 +303,14 @@ def postgres_url(postgres_server) -> str:
     postgres_server.drop_database(name)
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path) -> str:
+    """A database URL for each backend: a SQLite file, and the private PostgreSQL's fresh database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/registry.db"
+    return request.getfixturevalue("postgres_url")
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's S3 in server mode on a free loopback port for the session (services.S3Server)."""

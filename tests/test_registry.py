@@ -19,13 +19,6 @@ from modelserve.registry import DigestMismatch, ProtectedAlias, Registry
 from modelserve.registry.db import current_revision, head_revision, make_engine, migrate
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, tmp_path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/registry.db"
-    return request.getfixturevalue("postgres_url")
-
-
 @pytest.fixture
 def registry(db_url, tmp_path):
     reg = Registry(db_url, tmp_path / "artifacts", actor="tester")

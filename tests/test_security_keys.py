@@ -44,13 +44,6 @@ from modelserve.security.schema import ApiKey
 # -- fixtures ----------------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, tmp_path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/registry.db"
-    return request.getfixturevalue("postgres_url")
-
-
 @pytest.fixture
 def store(db_url):
     with KeyStore.open(db_url, client="test") as s:

@@ -59,7 +59,7 @@ class ModelReplica:
         self._settings, self.model, self.loads = settings, model, loads or [model]
         self.core = None
         self.replica_id = None
-        self._metrics_task = self._metrics_http = None
+        self._metrics_port = None
         self._metrics_key = None
 
     async def __serve_build_asgi_app__(self):
@@ -90,18 +90,14 @@ class ModelReplica:
         import ray
         from ray.experimental import internal_kv
 
-        from modelserve.server.app import _bind, metrics_server
+        from modelserve.server.app import MetricsPort
 
         local = settings.host in ("127.0.0.1", "localhost", "::1")
         host = settings.host if local else ray.util.get_node_ip_address()
-        sock = _bind(host, 0)
-        self._metrics_http = metrics_server(self.core.metrics_app(), settings)
-        self._metrics_task = asyncio.create_task(self._metrics_http.serve(sockets=[sock]), name="metrics-http")
-        while not self._metrics_http.started and not self._metrics_task.done():
-            await asyncio.sleep(0.01)
-        address = f"[{host}]:{sock.getsockname()[1]}" if ":" in host else f"{host}:{sock.getsockname()[1]}"
+        self._metrics_port = MetricsPort(self.core.metrics_app(), settings, host, 0)
+        await self._metrics_port.started()
         self._metrics_key = f"{METRICS_KEY}{self.replica_id}"
-        await asyncio.to_thread(lambda: internal_kv._internal_kv_put(self._metrics_key, address,
+        await asyncio.to_thread(lambda: internal_kv._internal_kv_put(self._metrics_key, self._metrics_port.address,
                                                                      namespace=KV_NAMESPACE))
 
     async def _close(self) -> None:
@@ -114,9 +110,8 @@ class ModelReplica:
                 pass
         if self.core is not None:
             self.core.dataplane.ready = False
-            if self._metrics_http is not None:
-                self._metrics_http.should_exit = True
-                await self._metrics_task
+            if self._metrics_port is not None:
+                await self._metrics_port.close()
             await self.core.close()
 
     # -- called by the gRPC front through a deployment handle --------------------------------

@@ -33,7 +33,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -42,7 +41,7 @@ from typing import NamedTuple
 from modelserve.errors import ModelLoadError, ModelNotFound, ModelNotReady, ModelServeError, Unsupported
 from modelserve.scale.ray_replica import DID_NOT_LOAD, KV_NAMESPACE, METRICS_KEY, ModelReplica, ServerRoutes
 from modelserve.server.config import Scaling
-from modelserve.server.dataplane import Dataplane, InferRequest, InferResponse, header_safe, new_request_id
+from modelserve.server.dataplane import InferRequest, InferResponse, header_safe, new_request_id, server_metadata
 from modelserve.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -90,21 +89,28 @@ class Planned(NamedTuple):
     loads: list[str]
 
 
-def models_to_deploy(settings: ServerSettings) -> dict[str, Planned]:
-    """Model name -> its application: the repository's model folders, or the models the registry alias names."""
+def open_registry(settings: ServerSettings):
+    from modelserve.registry import Registry
+
+    rs = settings.registry_settings()
+    return Registry(rs.url, rs.artifacts_url(), rs.storage_options, rs.actor or None)
+
+
+def models_to_deploy(settings: ServerSettings, registry=None) -> dict[str, Planned]:
+    """Model name -> its application: the repository's model folders, or the models the registry alias names
+    (``registry``: one open already; else one is opened for this call)."""
     from modelserve.server.config import parse_override, read_model_config
 
     if settings.registry:
         import json
 
-        from modelserve.registry import Registry
-
-        rs = settings.registry_settings()
-        registry = Registry(rs.url, rs.artifacts_url(), rs.storage_options, rs.actor or None)
+        own = registry is None
+        registry = open_registry(settings) if own else registry
         try:
             targets = registry.serving_targets(settings.alias)
         finally:
-            registry.close()
+            if own:
+                registry.close()
         configs = {name: parse_override(json.dumps({**(t.primary.config or {}), "name": name}), name)
                    for name, t in targets.items()}
     else:
@@ -207,10 +213,7 @@ async def follow_alias(settings: ServerSettings, deployed: dict[str, Planned], d
     ``registry_poll_s``, like the replicas; reads the alias's models only when it moves."""
     from ray import serve
 
-    from modelserve.registry import Registry
-
-    rs = settings.registry_settings()
-    registry = Registry(rs.url, rs.artifacts_url(), rs.storage_options, rs.actor or None, upgrade=False)
+    registry = open_registry(settings)
     shared, seen = replica_settings(settings), None
     try:
         while True:
@@ -220,7 +223,7 @@ async def follow_alias(settings: ServerSettings, deployed: dict[str, Planned], d
                 if change == seen:
                     continue
                 try:
-                    wanted = await asyncio.to_thread(models_to_deploy, settings)
+                    wanted = await asyncio.to_thread(models_to_deploy, settings, registry)
                 except ModelNotFound:
                     wanted = {}
                 seen = change
@@ -302,8 +305,7 @@ class RemoteDataplane:
 
     # -- what the adapter calls --------------------------------------------------------------
 
-    def server_metadata(self) -> dict:
-        return Dataplane.server_metadata(self)
+    server_metadata = staticmethod(server_metadata)
 
     def model_ready(self, model: str, version: str | None = None) -> bool:
         doc = self._doc(model)
@@ -438,15 +440,9 @@ def merge_expositions(texts: list[str]) -> bytes:
 # -- the driver -------------------------------------------------------------------------------------
 
 
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
 async def _front(settings: ServerSettings, models: dict[str, Planned], http_port: int) -> None:
     from modelserve.server import secure
-    from modelserve.server.app import _address, _bind, _security, _limits, metrics_server
+    from modelserve.server.app import MetricsPort, _address, _limits, _security
     from modelserve.server.grpc_service import NOT_SERVING, SERVING, create_server
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per replica per scrape says nothing
@@ -464,14 +460,11 @@ async def _front(settings: ServerSettings, models: dict[str, Planned], http_port
         await grpc_server.start()
         await health.set("", SERVING)
         parts.append(f" grpc={_address(settings.host, grpc_port)}")
-    metrics_http = metrics_task = None
+    metrics_port = None
     if settings.metrics_port >= 0:
-        sock = _bind(settings.host, settings.metrics_port)
-        metrics_http = metrics_server(GatheredMetrics(), settings)
-        metrics_task = asyncio.create_task(metrics_http.serve(sockets=[sock]), name="metrics-http")
-        while not metrics_http.started and not metrics_task.done():
-            await asyncio.sleep(0.01)
-        parts.append(f" metrics={_address(settings.host, sock.getsockname()[1])}")
+        metrics_port = MetricsPort(GatheredMetrics(), settings, settings.host, settings.metrics_port)
+        await metrics_port.started()
+        parts.append(f" metrics={metrics_port.address}")
     dataplane.ready = True
     print(f"modelserve ready http={_address(settings.host, http_port)}{''.join(parts)} ray=on"
           f"{secure.ready_suffix(settings)}", flush=True)
@@ -491,9 +484,8 @@ async def _front(settings: ServerSettings, models: dict[str, Planned], http_port
         await health.set("", NOT_SERVING)
     if grpc_server:
         await grpc_server.stop(grace=settings.drain_timeout_s)
-    if metrics_http:
-        metrics_http.should_exit = True
-        await metrics_task
+    if metrics_port:
+        await metrics_port.close()
     await dataplane.close()
     secure.stop_access(access, refresher)
 
@@ -513,7 +505,13 @@ def run(settings: ServerSettings, address: str | None) -> None:
     except (ModelServeError, FileNotFoundError) as exc:
         print(f"error: {getattr(exc, 'message', exc)}", file=sys.stderr)
         raise SystemExit(2) from None
-    http_port = settings.http_port or _free_port(settings.host)
+    if not settings.http_port:  # Ray's proxy takes a port number: pick a free one for it
+        from modelserve.server.app import _bind
+
+        with _bind(settings.host, 0) as sock:
+            http_port = sock.getsockname()[1]
+    else:
+        http_port = settings.http_port
     local = address is None
     started = time.monotonic()
     ray.init(address=address, namespace="modelserve", include_dashboard=False, logging_level=logging.WARNING)

@@ -201,12 +201,30 @@ def _tune_gc() -> None:
     gc.set_threshold(10_000, 20, 20)
 
 
-def metrics_server(app, settings: ServerSettings) -> uvicorn.Server:
-    """A uvicorn of its own for the metrics port (on the caller's event loop; ``serve(sockets=...)`` starts it)."""
-    from modelserve.server import secure
+class MetricsPort:
+    """A uvicorn of its own serving ``app`` (``GET /metrics``) on the caller's event loop: bound at once (port
+    0: a free one, named in ``address``), started in the background; ``started()`` waits for it."""
 
-    return _Uvicorn(uvicorn.Config(app, interface="asgi3", http="httptools", lifespan="off", access_log=False,
-                                   log_level="warning", timeout_graceful_shutdown=5, **secure.uvicorn_tls(settings)))
+    def __init__(self, app, settings: ServerSettings, host: str, port: int):
+        from modelserve.server import secure
+
+        sock = _bind(host, port)
+        self.address = _address(host, sock.getsockname()[1])
+        self.server = _Uvicorn(uvicorn.Config(app, interface="asgi3", http="httptools", lifespan="off",
+                                              access_log=False, log_level="warning", timeout_graceful_shutdown=5,
+                                              **secure.uvicorn_tls(settings)))
+        self.task = asyncio.create_task(self.server.serve(sockets=[sock]), name="metrics-http")
+
+    async def started(self) -> None:
+        while not self.server.started:
+            if self.task.done():
+                await self.task
+                raise OSError("the metrics server stopped during start-up")
+            await asyncio.sleep(0.01)
+
+    async def close(self) -> None:
+        self.server.should_exit = True
+        await self.task
 
 
 async def serve(settings: ServerSettings) -> None:
@@ -223,12 +241,9 @@ async def serve(settings: ServerSettings) -> None:
         h11_max_incomplete_event_size=None, **secure.uvicorn_tls(settings),
     ))
     metrics.count_connections(http)
-    metrics_http, metrics_task, metrics_part = None, None, ""
-    if settings.metrics_port >= 0:  # its own uvicorn on this loop: the same snapshot-then-render path as /metrics
-        metrics_sock = _bind(settings.host, settings.metrics_port)
-        metrics_part = f" metrics={_address(settings.host, metrics_sock.getsockname()[1])}"
-        metrics_http = metrics_server(core.metrics_app(), settings)
-        metrics_task = asyncio.create_task(metrics_http.serve(sockets=[metrics_sock]), name="metrics-http")
+    # its own uvicorn on this loop: the same snapshot-then-render path as /metrics
+    metrics_port = MetricsPort(core.metrics_app(), settings, settings.host, settings.metrics_port) \
+        if settings.metrics_port >= 0 else None
     grpc_server = health = None
     grpc_port = -1
     if settings.grpc_port >= 0:
@@ -251,15 +266,13 @@ async def serve(settings: ServerSettings) -> None:
             await http_task
             raise OSError("the HTTP server stopped during start-up")
         await asyncio.sleep(0.01)
-    while metrics_http and not metrics_http.started:
-        if metrics_task.done():
-            await metrics_task
-            raise OSError("the metrics server stopped during start-up")
-        await asyncio.sleep(0.01)
+    if metrics_port:
+        await metrics_port.started()
     dataplane.ready = True
     if health:
         await health.set("", SERVING)
     grpc_part = f" grpc={_address(settings.host, grpc_port)}" if grpc_server else ""
+    metrics_part = f" metrics={metrics_port.address}" if metrics_port else ""
     print(f"modelserve ready http={_address(settings.host, http_port)}{grpc_part}{metrics_part}"
           f"{secure.ready_suffix(settings)}", flush=True)
 
@@ -274,9 +287,8 @@ async def serve(settings: ServerSettings) -> None:
     if grpc_server:
         await grpc_server.stop(grace=settings.drain_timeout_s)
     await http_task
-    if metrics_http:  # scraped until the requests have drained
-        metrics_http.should_exit = True
-        await metrics_task
+    if metrics_port:  # scraped until the requests have drained
+        await metrics_port.close()
     await core.close()
     log.info("stopped")
 

@@ -78,6 +78,10 @@ class InferResponse:
     parameters: dict = field(default_factory=dict)
 
 
+def server_metadata() -> dict:
+    return {"name": "modelserve", "version": modelserve.__version__, "extensions": EXTENSIONS}
+
+
 class Dataplane:
     def __init__(self, manager: ModelManager):
         self.manager = manager
@@ -87,8 +91,7 @@ class Dataplane:
 
     # -- health and metadata ----------------------------------------------------------------
 
-    def server_metadata(self) -> dict:
-        return {"name": "modelserve", "version": modelserve.__version__, "extensions": EXTENSIONS}
+    server_metadata = staticmethod(server_metadata)
 
     def model_ready(self, model: str, version: str | None = None) -> bool:
         """True when ready; False when unloaded; ModelNotFound when the repository has no such model."""
