@@ -353,10 +353,11 @@ class PayloadLog:
         return key
 
     def feedback(self, row: dict) -> None:
-        self._append(("f", {**row, "_t": "f", "at": time.time()}))
+        # a client's explicit ground truth, answered 200 already: never dropped (and rare next to requests)
+        self._append(("f", {**row, "_t": "f", "at": time.time()}), bounded=False)
 
-    def _append(self, record: tuple) -> None:
-        if len(self._buf) >= self.max_buffer:  # the writer is that far behind (or down): memory stays bounded
+    def _append(self, record: tuple, bounded: bool = True) -> None:
+        if bounded and len(self._buf) >= self.max_buffer:  # the writer that far behind: memory stays bounded
             self._drop()
             return
         self._buf.append(record)
