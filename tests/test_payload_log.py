@@ -605,15 +605,15 @@ def test_kill_9_of_the_writer_process_loses_nothing_shipped(repo, tmp_path):
 
 
 def _pack(tensors: list) -> tuple:
-    """As the shipper packs the records' tensors (held flat in its records: name, array, name, array ...)."""
+    """As the writer packs the records' tensors (flat in the records the ring gives: name, array, ...)."""
     from itertools import chain
 
-    from modelserve.monitor.payload_log import _columns, _pack_dicts
+    from modelserve.monitor.ring import _columns, pack_dicts
 
     records = [("p", 0.0, "r", "m", "1", "v2-rest", None, 200, None, 0, 1, -1 if t is None else len(t), -1,
-                *chain.from_iterable((t or {}).items())) for t in tensors]
+                *chain.from_iterable((t or {}).items()), place) for place, t in enumerate(tensors)]
     packed = _columns(records)[7]
-    assert packed[0] == _pack_dicts(tensors)[0]  # joined or not, as the dict-based packing decides
+    assert packed[0] == pack_dicts(tensors)[0]  # joined or not, as the dict-based packing decides
     return packed
 
 
@@ -717,3 +717,61 @@ def test_a_writer_far_behind_bounds_the_servers_memory_and_counts_what_it_drops(
     # what was shipped before the backlog reached the limit (whole batches), plus up to `limit` waiting
     assert dropped > 0 and limit <= len(ids) and len(ids) + dropped == len(sent), (len(ids), dropped)
     assert "new records are dropped" in server.log()
+
+
+def test_ring_gives_back_every_record_as_written_across_wraps():
+    """The shared-memory ring between the request path and the writer process: records of every shape come
+    back equal, in order, through many laps of a small ring; a full ring refuses requests (the caller counts
+    them dropped) but keeps room for feedback; space is reused only behind what the reader marked stored."""
+    from modelserve.monitor.ring import CONFIG, FEEDBACK, RingConsumer, RingProducer
+
+    rng = np.random.default_rng(1)
+    producer = RingProducer(1 << 16, max_records=10_000)
+    consumer = RingConsumer(producer.fd, producer.size)
+    cases = [
+        ({"x": rng.random((1, 300), dtype=np.float32)}, {"y": rng.random((1, 10))}),
+        ({"x": np.arange(12, dtype=np.int64).reshape(3, 4)[:, ::2]}, {"y": np.array(True)}),  # strided, 0-d
+        ({"s": np.array([b"ab", b"\xff", "é"], dtype=object)}, {"n": np.zeros((0, 3), np.float16)}),
+        ({"x": rng.random((2, 2)).astype(">f8")}, None),  # big-endian (pickled: the values kept); failed: no outputs
+        (None, None),  # rejected before it had tensors
+    ]
+    written = []
+    for i in range(400):
+        inputs, outputs = cases[i % len(cases)]
+        rid = f"r{i}-" + "é" * (i % 3)
+        assert producer.request(1000.0 + i, rid, "m", None if i % 2 else "2", "v2-rest", None if i % 3 else "c:1",
+                                200 if outputs else 400, None if outputs else f"bad {i}", i, (i % 4) or None,
+                                inputs, outputs)
+        written.append((rid, inputs, outputs))
+        if i % 50 == 0:
+            assert producer.blob(FEEDBACK, {"request_id": rid, "i": i}) and producer.blob(CONFIG, (i, f"cfg{i}"))
+            written.append(("f", i))
+        if i % 7 == 0:  # the reader keeps up now and then: everything stored, the writer starts over
+            while (taken := consumer.take(1000)) is not None:
+                got, configs, end, count = taken
+                for record in got:
+                    expected = written.pop(0)
+                    if record[0] == "f":
+                        assert expected == ("f", record[1]["i"])
+                        continue
+                    rid, inputs, outputs = expected
+                    assert record[2] == rid and record[3] == "m" and record[5] == "v2-rest"
+                    n_in, n_out = record[11], record[12]
+                    assert n_in == (len(inputs) if inputs is not None else -1)
+                    assert n_out == (len(outputs) if outputs is not None else -1)
+                    tensors = dict(zip(record[13:-1:2], record[14:-1:2]))
+                    for name, array in {**(inputs or {}), **(outputs or {})}.items():
+                        assert tensors[name].shape == array.shape and tensors[name].dtype == array.dtype.newbyteorder("=")
+                        assert np.array_equal(tensors[name], array)
+                consumer.mark_stored(end, count)
+    assert producer.written()[0] > 4 * producer.size  # many laps
+    # full: requests refused, feedback still taken (its reserve), nothing overwritten that was not stored
+    big = {"x": np.ones((1, 2000), np.float32)}
+    refused = sum(not producer.request(0.0, "r", "m", "1", "p", None, 200, None, 0, None, big, None)
+                  for _ in range(100))
+    assert refused > 0 and producer.blob(FEEDBACK, {"request_id": "late"})
+    records = []
+    while (taken := consumer.take(1000)) is not None:
+        records += taken[0]
+        consumer.mark_stored(*taken[2:])
+    assert records[-1][:2] == ("f", {"request_id": "late"}) and len(records) == len(written) + 100 - refused + 1

@@ -44,8 +44,11 @@ def serve(
     monitor_spill: Optional[Path] = typer.Option(None, help="File where log records wait while that database is "
                                                             "down (default modelserve-monitor/spill.jsonl)"),
     monitor_max_buffer: int = typer.Option(200_000, envvar="MODELSERVE_MONITOR_MAX_BUFFER",
-                                           help="Payload-log records held for its writer process at most; past "
+                                           help="Payload-log records waiting for its writer process at most; past "
                                                 "them new records are dropped and counted (memory stays bounded)"),
+    monitor_buffer_mb: int = typer.Option(256, envvar="MODELSERVE_MONITOR_BUFFER_MB",
+                                          help="Shared memory (MiB) where payload-log records wait for the writer "
+                                               "process; only the part a backlog needs is touched"),
     auth: str = typer.Option("none", envvar="MODELSERVE_AUTH",
                              help="Who may call: none, keys (API keys from 'modelserve keys create'), jwt, or keys+jwt. "
                                   "Anything but loopback needs one (or --insecure)"),
@@ -115,6 +118,7 @@ def serve(
         metrics_port=metrics_port, model_control_mode=model_control_mode, load_models=load_model or [], poll_interval_s=poll_interval,
         max_request_bytes=max_request_bytes, ort_threads=ort_threads, log_level=log_level,
         alias=alias, registry_poll_s=registry_poll, payload_log=payload_log, monitor_max_buffer=monitor_max_buffer,
+        monitor_buffer_mb=monitor_buffer_mb,
         auth=auth, jwt_role_claim=jwt_role_claim, jwt_models_claim=jwt_models_claim, metrics_auth=metrics_auth,
         insecure=insecure, max_inflight_per_model=max_inflight_per_model, request_timeout_s=request_timeout_s,
         body_timeout_s=body_timeout_s,

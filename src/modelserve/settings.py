@@ -57,9 +57,12 @@ class ServerSettings(BaseSettings):
     monitor_spill: Path = DEFAULT_MONITOR_DIR / "spill.jsonl"
     #: how many feedback rows per model version the quality metrics look back over
     quality_window: int = 1000
-    #: payload-log records held for the writer process at most (shipped and unstored, and again waiting to be
-    #: shipped): past them new records are dropped and counted rather than memory growing without bound
+    #: payload-log records waiting for the writer process at most (in the ring, not yet stored): past them new
+    #: records are dropped and counted rather than the writer falling further behind
     monitor_max_buffer: int = 200_000
+    #: the payload log's shared-memory ring (MiB): a bound on the bytes waiting too; only the pages a backlog
+    #: needs are touched (the ring starts over at its beginning whenever the writer has caught up)
+    monitor_buffer_mb: int = 256
     #: this process's name among several serving the same models: a ``replica`` label on every metric series
     #: (Ray Serve replicas set their replica id, Kubernetes pods their pod name); None: no such label
     replica: str | None = None

@@ -1,52 +1,39 @@
 """The payload log: every request and its answer (or error) to a database, never on the request path.
 
-The request path calls ``done`` / ``failed`` / ``rejected``: a sampling decision and one
-``deque.append`` of a tuple holding references to the request's arrays (they are not mutated after
-the answer). No I/O, no lock, no await.
+The request path calls ``done`` / ``failed`` / ``rejected``: a sampling decision and one record copied into a
+shared-memory ring (``ring.py``: the request's metadata and its tensors' bytes, a few µs, no syscall, no
+await). Nothing of the request is held after that: its body is freed at once.
 
 The process split. Encoding and storing run in a separate *writer process* (``writer.py``, started with
 ``python -m modelserve.monitor.writer``: a fresh interpreter, never a fork of the threaded server), because
-their Python work held the GIL the event loop needs (every syscall of the loop then waited for it: the log
-cost 36-54 % of a tiny model's throughput in-process). Here a *shipper* thread wakes every ``interval_s``
-(sooner once ``batch_size`` records wait), gives each record a unique ``uid`` (a per-process prefix and a
-counter), packs the records (per model version one tuple of columns, the arrays of the same names, dtypes
-and row shapes joined into one, each config object pickled once and then named by a small key; a batch of
-one model version, the common case, is found and packed with C-level maps, no per-record Python loop) and
-sends them as one pickled message over a socketpair (the joined arrays out of band, not copied into the
-pickle): about 3-4 µs per record of this process's time, request path, shipper and acks together (holding
-the records until they are shipped costs the event loop more than that: garbage collection, allocator,
-cache; measured 10-20 µs per request at 8-32 concurrent requests on 2 cores). The
-writer process runs at a lower priority (``nice`` +10, ``writer.NICE``): under CPU contention the serving
-path wins and the writer catches up when there is CPU to spare. It encodes each shipped batch column by
-column (``encode.encode_packed``: one numpy pass per tensor name for the values or summaries, one
-``prediction`` over the joined outputs, drift statistics on the joined inputs; per record only C-level
-work) and stores the rows: multi-row INSERTs through the DBAPI connection in one transaction, run on a
-single database thread so that rows reach the database in order. ``quality`` and ``drift`` here are proxies: their
-calls (from threads, never the event loop) run in the writer process over a second connection, so
-``quality.add`` stays atomic (409 on double feedback). The shipper keeps every batch until the writer
-acknowledges that its rows are in the database or fsync'ed in the spill file; when the writer process dies,
-the shipper logs it, starts a new one and sends it the unacknowledged batches again (their rows keep their
-``uid``: a row stored twice is skipped). Predictions waiting for feedback and drift windows of a dead
-writer are lost (feedback then joins through the database; the quality windows are refilled from it).
+their Python work held the GIL the event loop needs (the log cost 36-54 % of a tiny model's throughput
+in-process). It maps the same ring and reads the records straight from it: a run of answered requests of one
+layout (same tensor names, dtypes and shapes) is one numpy array, whose columns are the batch's columns and
+whose tensors are already joined. It runs at a lower priority (``nice`` +10, ``writer.NICE``), encodes each
+batch column by column (``encode.encode_packed``) and stores the rows: multi-row INSERTs in one transaction on
+a single database thread, so that rows reach the database in order. ``quality`` and ``drift`` here are
+proxies: their calls (from threads, never the event loop) run in the writer process over a control
+connection, so ``quality.add`` stays atomic (409 on double feedback).
 
-When the database fails, or does not answer within ``write_timeout_s``, the batch is appended to
-the spill file (``spill.py``, fsync'ed) instead, and every later batch follows it there until the
-database thread has replayed the file; so memory stays bounded by what arrives in one cycle, whatever
-the database does, and order is kept. Rows carry a unique ``uid`` and inserts skip existing ones:
-a batch that timed out but committed late, or a replay cut short by a crash, is never stored twice.
+The ring only reuses space behind what the writer has *stored* (database, or fsync'ed spill file), so:
+when the writer process dies, a watchdog thread here starts a new one, which reads on from the last stored
+record (a row stored twice is skipped by its ``uid``: the server's prefix and the record's ring position);
+when this process dies (``kill -9``), the writer sees its control connection close, stores everything the
+ring holds and exits, so nothing that was answered is lost. Predictions waiting for feedback and drift windows
+of a dead writer are lost (feedback then joins through the database; the quality windows are refilled from it).
 
-Guarantee: a record is in the database, or on disk in the spill file, within one cycle of its
-request's answer (``interval_s`` + ``write_timeout_s``, plus the hop to the writer process) when there is
-CPU to spare; while the serving path keeps every core busy the niced writer falls behind (the records wait,
-shipped and unacknowledged, and the shipper warns past ``max_buffer``) and catches up when the load drops. SIGTERM
-drains: ``close()`` ships everything it holds, the writer stores it and exits. ``kill -9`` of the server
-loses at most the records not yet shipped (that last cycle): the writer process sees its connections
-close, stores what it received (database or spill file) and exits; the spill file survives and is
-replayed at the next start. The writer process dying alone loses nothing that was shipped (see above).
-The only other losses, counted in ``dropped`` and logged: the database down *and* the spill file
-unwritable (disk full) for longer than ``max_buffer`` records; and the writer process ``max_buffer``
-records behind (starved of CPU for long, or failing to start), where this process stops shipping and,
-``max_buffer`` records later, drops new records rather than grow without bound.
+When the database fails, or does not answer within ``write_timeout_s``, the batch is appended to the spill
+file (``spill.py``, fsync'ed) instead, and every later batch follows it there until the database thread has
+replayed the file; rows carry a unique ``uid`` and inserts skip existing ones, so a batch that timed out but
+committed late, or a replay cut short by a crash, is never stored twice.
+
+Guarantee: a record is in the database, or on disk in the spill file, within one cycle of its request's
+answer (``interval_s`` + ``write_timeout_s``) when there is CPU to spare; while the serving path keeps every
+core busy the niced writer falls behind and catches up when the load drops. Memory is bounded: the ring's
+size (``--monitor-buffer-mb``; only the pages a backlog needs are touched) and ``max_buffer`` records
+waiting. Past either, new records are dropped and counted (``dropped``, logged): the writer that far behind
+(starved of CPU for long, or failing to start). Feedback rows are never dropped (a reserve of the ring, then
+a queue here). SIGTERM drains: ``close()`` lets the writer store everything the ring holds, then it exits.
 """
 
 from __future__ import annotations
@@ -62,19 +49,17 @@ import sys
 import threading
 import time
 import uuid
-from collections import OrderedDict, deque
-from itertools import chain
-from operator import attrgetter
+from collections import deque
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
-import numpy as np
 import orjson
 
 from modelserve.errors import ModelNotReady, ModelServeError
 from modelserve.monitor.drift import DriftTracker
 from modelserve.monitor.quality import QualityTracker
+from modelserve.monitor.ring import CONFIG, FEEDBACK, RingProducer
 from modelserve.server.config import Monitoring
 from modelserve.server.stats import status_of
 
@@ -118,86 +103,6 @@ def _failure(exc: BaseException) -> tuple[int, str]:
     return status, f"internal error: {exc}"[:2000]
 
 
-def _pack_dicts(tensors: list) -> tuple:
-    """One tensor dict (or None) per record -> ``("c", {name: (joined, rows per record)})`` when every record
-    has the same names in the same order and, per name, one dtype and row shape (one array per name to
-    pickle, not one per record); else ``("l", tensors)``."""
-    first = tensors[0]
-    if first:
-        try:
-            names = tuple(first)
-            if all(t is not None and tuple(t) == names for t in tensors):
-                out = {}
-                for name in names:
-                    arrays = [t[name] for t in tensors]
-                    if len(set(map(_dtype_of, arrays))) != 1:
-                        return "l", tensors
-                    out[name] = (np.concatenate(arrays), list(map(len, arrays)))
-                return "c", out
-        except (ValueError, TypeError, AttributeError):  # 0-d arrays, other row shapes, not arrays
-            pass
-    return "l", tensors
-
-
-def _pack_flat(cols: list, start: int, count: int, n: int) -> tuple:
-    """``_pack_dicts`` of the records' tensors held flat in columns ``start`` ... (name, array, name, array, ...;
-    ``count`` tensors, -1: None): the checks and the gathering are C-level, no per-record loop."""
-    if count < 0:
-        return "l", [None] * n
-    if not count:
-        return "l", [{} for _ in range(n)]
-    names, arrays = cols[start:start + 2 * count:2], cols[start + 1:start + 2 * count:2]
-    out = {}
-    try:
-        for name_col, array_col in zip(names, arrays):
-            if name_col.count(name_col[0]) != n or len(set(map(_dtype_of, array_col))) != 1:
-                break
-            out[name_col[0]] = (np.concatenate(array_col), list(map(len, array_col)))
-        else:
-            return "c", out
-    except (ValueError, TypeError, AttributeError):  # 0-d arrays, other row shapes, not arrays
-        pass
-    return "l", [dict(zip(ns, arrs)) for ns, arrs in zip(zip(*names), zip(*arrays))]
-
-
-def _tensors(record: tuple, start: int, count: int) -> dict | None:
-    return None if count < 0 else dict(zip(record[start:start + 2 * count:2], record[start + 1:start + 2 * count:2]))
-
-
-def _columns(records: list[tuple]) -> tuple:
-    """Requests of one model version -> (at, request_id, protocol, client, status, error, latency_ns, inputs,
-    outputs) columns, the tensors packed (``_pack_flat``, or ``_pack_dicts`` when the records differ in shape)."""
-    n = len(records)
-    if len(set(map(len, records))) == 1:
-        cols = list(zip(*records))
-        if cols[11].count(cols[11][0]) == n and cols[12].count(cols[12][0]) == n:
-            n_in = cols[11][0]
-            return (cols[1], cols[2], cols[5], cols[6], cols[7], cols[8], cols[9], _pack_flat(cols, 13, n_in, n),
-                    _pack_flat(cols, 13 + 2 * max(n_in, 0), cols[12][0], n))
-    cols = list(zip(*(r[:13] for r in records)))
-    inputs = [_tensors(r, 13, r[11]) for r in records]
-    outputs = [_tensors(r, 13 + 2 * max(r[11], 0), r[12]) for r in records]
-    return (cols[1], cols[2], cols[5], cols[6], cols[7], cols[8], cols[9], _pack_dicts(inputs), _pack_dicts(outputs))
-
-
-_dtype_of = attrgetter("dtype")
-_flat = chain.from_iterable
-
-
-def _frames(message) -> list:
-    """A message as frames to send: its pickle, then the buffers of its contiguous arrays (out of band: not
-    copied into the pickle; the socket write copies them with the GIL released)."""
-    buffers: list = []
-    head = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
-    return [len(buffers).to_bytes(4, "little") + head, *(b.raw() for b in buffers)]
-
-
-def send_frames(conn, frames: list) -> None:
-    """Each frame with multiprocessing's framing (the writer process reads them: ``writer._Frames``)."""
-    for frame in frames:
-        conn.send_bytes(frame)
-
-
 class _SpillInfo:
     """Where the writer process spills (``path``: the file it locked, known once it has started)."""
 
@@ -206,13 +111,14 @@ class _SpillInfo:
 
 
 class _Child:
-    """One writer process and its two connections."""
+    """One writer process and its control connection."""
 
-    def __init__(self, proc: subprocess.Popen, data, control):
-        self.proc, self.data, self.control = proc, data, control
+    def __init__(self, proc: subprocess.Popen, control):
+        self.proc, self.control = proc, control
         self.pending: dict = {}
         self.send_lock = threading.Lock()
         self.dead = False
+        self.connected = False
         self.reader: threading.Thread | None = None
 
     def alive(self) -> bool:
@@ -262,7 +168,8 @@ class _DriftProxy:
 class PayloadLog:
     def __init__(self, url: str, spill_path: Path, *, interval_s: float = 0.25, batch_size: int = 2000,
                  write_timeout_s: float = 2.0, retry_s: float = 1.0, max_buffer: int = 200_000,
-                 quality: QualityTracker | None = None, drift: DriftTracker | None = None):
+                 buffer_bytes: int = 256 << 20, quality: QualityTracker | None = None,
+                 drift: DriftTracker | None = None):
         self.url = url
         self.spill = _SpillInfo(spill_path)
         quality = quality or QualityTracker()
@@ -272,107 +179,102 @@ class PayloadLog:
         self.drift = _DriftProxy(self, drift.repository if drift is not None else None)
         self.interval_s, self.batch_size = interval_s, batch_size
         self.write_timeout_s, self.retry_s, self.max_buffer = write_timeout_s, retry_s, max_buffer
-        self._buf: deque = deque()
-        #: row keys: a random per-process prefix and a counter (unique across processes and restarts)
-        self._uid_prefix, self._uid = uuid.uuid4().hex[:16], 0
-        self._seq_in = 0
-        self._shipped = self._seen_records = self._done_records = 0
-        self._batch = 0
-        self._unacked: OrderedDict[int, tuple[int, int, list]] = OrderedDict()  # batch -> (end, records, frames)
-        self._unseen: deque = deque()  # (batch, end) shipped, not yet encoded
-        self._lock = threading.Lock()
-        #: configs by key (key = place + 1), each kept (so ids stay unique); id(config) -> key; keys shipped so far
+        self.ring = RingProducer(buffer_bytes, max_buffer, str(Path(spill_path).parent))
+        #: row keys: a random per-process prefix and the record's place in the ring (unique across restarts)
+        self._uid_prefix = uuid.uuid4().hex[:16]
+        #: configs by key (key = place + 1), each kept (so ids stay unique); id(config) -> key once in the ring
         self._config_list: list = []
+        self._config_keys: dict[int, int] = {}
         self._config_ids: dict[int, int] = {}
-        self._configs_sent = 0
         self._config_lock = threading.Lock()
+        self._feedback: deque = deque()  # feedback rows the full ring could not take yet (never dropped)
         self._call_ids = itertools.count(1)
         self._child: _Child | None = None
         self._restart_at = 0.0
         self.restarts = 0
-        self._connected = False
         self._first_state = threading.Event()
         self._engine = None
         self._engine_lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="payload-log", daemon=True)
+        self._thread = threading.Thread(target=self._watch, name="payload-log", daemon=True)
         self.dropped = 0
+        self._dropping = False
         self.db_error: str | None = None
 
     def start(self, connect_timeout_s: float = 10.0) -> None:
-        """Start the writer process and the shipper; wait (at most ``connect_timeout_s``) for the writer's
+        """Start the writer process and its watchdog; wait (at most ``connect_timeout_s``) for the writer's
         first connection attempt (connect, migrate), so that the API can read the database from the start."""
         self._spawn()
         self._thread.start()
         self._first_state.wait(connect_timeout_s)
 
-    # -- the request path: append only -------------------------------------------------------
-
-    # A request's record is one flat tuple: ("p", at, request_id, model, version, protocol, client, status,
-    # error, latency_ns, config key, number of inputs, of outputs (-1: None), then name, array, name, array ...
-    # of the inputs and of the outputs). It holds no dict, no nested tuple and no config object, so the
-    # garbage collector untracks it at its first young collection instead of promoting it to the old
-    # generation. (Holding ~0.25 s of requests still costs the event loop more than the append itself: the
-    # arrays keep the request bodies and their memoryviews alive; see benchmarks/README.md.)
+    # -- the request path: one record into the ring ------------------------------------------
 
     def done(self, request, response, config, latency_ns: int) -> None:
         mon = config.monitoring if config is not None else _DEFAULT
         if not mon.payload_log or (mon.sample_rate < 1.0 and random.random() >= mon.sample_rate):
             return
-        inputs, outputs = request.inputs, response.outputs
-        self._append(("p", time.time(), request.request_id, request.model, response.version, request.protocol,
-                      request.client, 200, None, latency_ns, self._config_ids.get(id(config)) or self._register(config),
-                      len(inputs), len(outputs), *_flat(inputs.items()), *_flat(outputs.items())))
+        if not self.ring.answered(time.time(), request.request_id, request.client, latency_ns,
+                                  self._config_ids.get(id(config)) or self._register(config), request.model,
+                                  response.version, request.protocol, request.inputs, response.outputs):
+            self._drop()
 
     def failed(self, request, version: str | None, config, exc: BaseException, latency_ns: int) -> None:
         if config is not None and not config.monitoring.payload_log:
             return
         status, error = _failure(exc)
-        inputs = request.inputs or {}
-        key = self._config_ids.get(id(config)) or self._register(config)
-        self._append(("p", time.time(), request.request_id, request.model, version, request.protocol,
-                      request.client, status, error, latency_ns, key, len(inputs) or -1, -1, *_flat(inputs.items())))
+        if not self.ring.request(time.time(), request.request_id, request.model, version, request.protocol,
+                                 request.client, status, error, latency_ns,
+                                 self._config_ids.get(id(config)) or self._register(config), request.inputs or None,
+                                 None):
+            self._drop()
 
     def rejected(self, model: str, version: str | None, protocol: str, client: str | None, request_id: str,
                  exc: BaseException, latency_ns: int = 0) -> None:
         """A request refused before it became an ``InferRequest`` (bad body, unknown model)."""
         status, error = _failure(exc)
-        self._append(("p", time.time(), request_id, model, version, protocol, client, status, error, latency_ns,
-                      None, -1, -1))
+        if not self.ring.request(time.time(), request_id, model, version, protocol, client, status, error,
+                                 latency_ns, None, None, None):
+            self._drop()
 
     def _register(self, config) -> int | None:
-        """A config's key (once per config object; the object is kept, so its id stays its own)."""
+        """A config's key: given once per config object (the object is kept, so its id stays its own), and
+        written into the ring before the first record naming it (again on the next record if the ring was full)."""
         if config is None:
             return None
         with self._config_lock:
-            key = self._config_ids.get(id(config))
+            key = self._config_keys.get(id(config))
             if key is None:
                 self._config_list.append(config)
-                key = self._config_ids[id(config)] = len(self._config_list)
+                key = self._config_keys[id(config)] = len(self._config_list)
+            if id(config) not in self._config_ids and self.ring.blob(CONFIG, (key, config)):
+                self._config_ids[id(config)] = key
         return key
 
     def feedback(self, row: dict) -> None:
-        # a client's explicit ground truth, answered 200 already: never dropped (and rare next to requests)
-        self._append(("f", {**row, "_t": "f", "at": time.time()}), bounded=False)
-
-    def _append(self, record: tuple, bounded: bool = True) -> None:
-        if bounded and len(self._buf) >= self.max_buffer:  # the writer that far behind: memory stays bounded
-            self._drop()
-            return
-        self._buf.append(record)
-        self._seq_in += 1
-        if len(self._buf) >= self.batch_size and not self._wake.is_set():
+        """A client's explicit ground truth, answered 200 already: never dropped (it waits here when the
+        ring is full, and goes in as soon as there is room)."""
+        row = {**row, "_t": "f", "at": time.time()}
+        if self._feedback or not self.ring.blob(FEEDBACK, row):
+            self._feedback.append(row)
             self._wake.set()
+
+    def _drop(self) -> None:
+        self.dropped += 1
+        if not self._dropping:
+            self._dropping = True
+            log.error("payload log: the buffer is full (%d records wait for the writer process: CPU-starved, "
+                      "or restarting): new records are dropped, and counted, until it catches up",
+                      self.ring.written()[1] - self.ring.stored()[1])
 
     # -- the writer process ------------------------------------------------------------------
 
     def _spawn(self) -> None:
         from multiprocessing import Pipe
 
-        data, data_child = Pipe()
         control, control_child = Pipe()
-        fds = (data_child.fileno(), control_child.fileno())
+        fds = (self.ring.fd, control_child.fileno())
         package_root = str(Path(__file__).resolve().parents[2])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
@@ -380,49 +282,45 @@ class PayloadLog:
             proc = subprocess.Popen([sys.executable, "-m", "modelserve.monitor.writer", *map(str, fds)],
                                     pass_fds=fds, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env)
         finally:
-            data_child.close()
             control_child.close()
-        child = _Child(proc, data, control)
+        child = _Child(proc, control)
         hello: Future = Future()
         child.pending[0] = hello
+        with self._config_lock:
+            configs = dict(enumerate(self._config_list, 1))
         control.send_bytes(pickle.dumps({
             "url": self.url, "spill_path": str(self.spill.path), "uid_prefix": self._uid_prefix,
+            "ring_size": self.ring.size, "configs": configs, "layouts": self.ring.layouts_now(),
             "interval_s": self.interval_s, "batch_size": self.batch_size, "write_timeout_s": self.write_timeout_s,
             "retry_s": self.retry_s, "max_buffer": self.max_buffer, **self._quality_options,
             "repository": str(self.drift.repository) if self.drift.repository is not None else None,
             "log_level": logging.getLogger().getEffectiveLevel()}))
-        child.reader = threading.Thread(target=self._read, args=(child,), name="payload-log-acks", daemon=True)
+        child.reader = threading.Thread(target=self._read, args=(child,), name="payload-log-calls", daemon=True)
         child.reader.start()
         self._child = child
         try:
             self.spill.path = Path(hello.result(60)["spill"])
-        except Exception as exc:  # noqa: BLE001 - it did not start: the shipper tries again
+        except Exception as exc:  # noqa: BLE001 - it did not start: the watchdog tries again
             log.error("payload log: the writer process did not start (%s)", exc)
             child.dead = True
 
     def _read(self, child: _Child) -> None:
-        """The writer's answers: progress on the data connection, call results on the control one."""
-        from multiprocessing.connection import wait
-
-        conns = [child.data, child.control]
-        while conns:
-            for conn in wait(conns):
-                try:
-                    data = conn.recv_bytes()
-                except (EOFError, OSError):
-                    conns.remove(conn)
-                    continue
-                try:
-                    message = pickle.loads(data)
-                    if conn is child.data:
-                        self._progress(*message[1:])
-                    else:
-                        call_id, ok, value = message
-                        future = child.pending.pop(call_id, None)
-                        if future is not None and not future.done():
-                            future.set_result(value) if ok else future.set_exception(value)
-                except Exception:  # noqa: BLE001 - an answer we cannot read must not stop the acks
-                    log.exception("payload log: unreadable message from the writer process")
+        """The writer's answers to calls, and its database state; at EOF the writer has stopped."""
+        while True:
+            try:
+                message = pickle.loads(child.control.recv_bytes())
+            except (EOFError, OSError):
+                break
+            except Exception:  # noqa: BLE001 - an answer we cannot read must not stop the others
+                log.exception("payload log: unreadable message from the writer process")
+                continue
+            call_id, ok, value = message
+            if call_id == "state":
+                self._connected_state(*value)
+                continue
+            future = child.pending.pop(call_id, None)
+            if future is not None and not future.done():
+                future.set_result(value) if ok else future.set_exception(value)
         child.dead = True
         for call_id in list(child.pending):
             future = child.pending.pop(call_id, None)
@@ -430,16 +328,12 @@ class PayloadLog:
                 future.set_exception(ModelNotReady("the payload log's writer process stopped"))
         self._wake.set()
 
-    def _progress(self, seen: int, stored: int, connected: bool, db_error: str | None) -> None:
-        with self._lock:
-            while self._unseen and self._unseen[0][0] <= seen:
-                self._seen_records = max(self._seen_records, self._unseen.popleft()[1])
-            while self._unacked and next(iter(self._unacked)) <= stored:
-                end = self._unacked.popitem(last=False)[1][0]
-                self._done_records = max(self._done_records, end)
+    def _connected_state(self, connected: bool, db_error: str | None) -> None:
         self._connected, self.db_error = connected, db_error
         if connected or db_error:
             self._first_state.set()
+
+    _connected = False
 
     def _call(self, name: str, *args, timeout_s: float = 30.0):
         """Run ``name`` in the writer process; its exception (Conflict, InvalidInput, ...) is raised here."""
@@ -460,118 +354,39 @@ class PayloadLog:
         finally:
             child.pending.pop(call_id, None)
 
-    # -- the shipper thread ------------------------------------------------------------------
+    # -- the watchdog thread (nothing on the request path) -----------------------------------
 
-    def _run(self) -> None:
-        while True:
+    def _watch(self) -> None:
+        while not self._stopping:
             self._wake.wait(self.interval_s)
             self._wake.clear()
-            stopping = self._stopping
             try:
-                self._cycle()
-            except Exception:  # noqa: BLE001 - the shipper must outlive any one bad batch
-                log.exception("payload log shipper")
-            if stopping and not self._buf:
-                return
-
-    def _cycle(self) -> None:
-        child = self._child
-        if child is None or not child.alive():
-            if time.monotonic() < self._restart_at:
-                return  # the records wait in the buffer
-            self._restart()
-        # at most max_buffer records shipped and not yet stored: the rest wait here (and past max_buffer more,
-        # new ones are dropped, counted), so a writer starved of CPU cannot make this process grow without end
-        while self._buf and self._shipped - self._done_records < self.max_buffer:
-            self._ship([self._buf.popleft() for _ in range(min(len(self._buf), self.batch_size))])
-        if self._dropping and len(self._buf) < self.max_buffer // 2:
-            self._dropping = False
-            log.warning("payload log: the writer process caught up; %d records dropped so far", self.dropped)
-
-    def _drop(self) -> None:
-        self.dropped += 1
-        if not self._dropping:
-            self._dropping = True
-            log.error("payload log: %d records wait for the writer process (CPU-starved, or restarting): new "
-                      "records are dropped, and counted, until it catches up", len(self._buf))
+                child = self._child
+                if (child is None or not child.alive()) and time.monotonic() >= self._restart_at \
+                        and not self._stopping:
+                    self._restart()
+                while self._feedback and self.ring.blob(FEEDBACK, self._feedback[0]):
+                    self._feedback.popleft()
+                if self._dropping and self.ring.written()[1] - self.ring.stored()[1] < self.max_buffer // 2:
+                    self._dropping = False
+                    log.warning("payload log: the writer process caught up; %d records dropped so far", self.dropped)
+            except Exception:  # noqa: BLE001 - the watchdog must outlive any one failure
+                log.exception("payload log watchdog")
 
     def _restart(self) -> None:
-        """A new writer process; the batches the dead one had not stored are sent to it again (their rows
-        keep their uid: a row the dead one stored is skipped, never doubled)."""
+        """A new writer process: it reads the ring from where the dead one had stored (a row the dead one
+        stored past that is skipped by its uid, never doubled)."""
         self._restart_at = time.monotonic() + 1.0
         old = self._child
         code = old.proc.poll() if old is not None else None
-        with self._lock:
-            pending = list(self._unacked.values())
-        log.error("payload log: the writer process stopped (exit code %s); starting a new one and sending it "
-                  "the %d records it had not stored", code, sum(n for _, n, _ in pending))
+        log.error("payload log: the writer process stopped (exit code %s); starting a new one, which goes on "
+                  "with the %d records not yet stored", code, self.ring.written()[1] - self.ring.stored()[1])
         if old is not None:
             if old.reader is not None:
                 old.reader.join(5)
-            for conn in (old.data, old.control):
-                conn.close()
+            old.control.close()
         self.restarts += 1
         self._spawn()
-        child = self._child
-        if not child.alive():
-            return
-        try:
-            send_frames(child.data, _frames(("c", dict(enumerate(self._config_list, 1)))))
-            for _, _, frames in pending:
-                send_frames(child.data, frames)
-        except OSError:
-            pass
-
-    def _pack(self, records: list[tuple]) -> tuple[list, dict, list]:
-        """Records -> (feedback rows with their place, new configs, groups): per model version one tuple of
-        columns (positions None: the group is every record, the common case, found without a per-record
-        loop), arrays joined (``_pack_flat``), configs as small keys (each object pickled once)."""
-        known = len(self._config_list)  # configs registered so far (the request path appends)
-        new = {key: self._config_list[key - 1] for key in range(self._configs_sent + 1, known + 1)}
-        self._configs_sent = known
-        n = len(records)
-        first = records[0]
-        if len(first) >= 13 and len(set(map(len, records))) == 1:  # requests only (a feedback record is shorter)
-            cols = list(zip(*records))
-            if all(cols[i].count(first[i]) == n for i in (10, 3, 4, 11, 12)):  # one version, one tensor count
-                n_in = first[11]
-                return [], new, [(first[10], first[3], first[4], None, cols[1], cols[2], cols[5], cols[6], cols[7],
-                                  cols[8], cols[9], _pack_flat(cols, 13, n_in, n),
-                                  _pack_flat(cols, 13 + 2 * max(n_in, 0), first[12], n))]
-        feedback, groups = [], {}
-        for i, record in enumerate(records):
-            if record[0] == "p":
-                key = (record[10], record[3], record[4])
-                group = groups.get(key)
-                if group is None:
-                    group = groups[key] = []
-                group.append(i)
-            else:
-                feedback.append((i, record[1]))
-        packed = [(key, model, version, idx, *_columns([records[i] for i in idx]))
-                  for (key, model, version), idx in groups.items()]
-        return feedback, new, packed
-
-    def _ship(self, records: list[tuple]) -> None:
-        feedback, configs, groups = self._pack(records)
-        self._batch += 1
-        data = _frames(("b", self._batch, self._uid, len(records), configs, feedback, groups))
-        self._uid += len(records)
-        self._shipped += len(records)
-        with self._lock:
-            self._unacked[self._batch] = (self._shipped, len(records), data)
-            self._unseen.append((self._batch, self._shipped))
-            waiting = self._shipped - self._done_records
-        if waiting > self.max_buffer and not self._warned_backlog:
-            self._warned_backlog = True
-            log.warning("payload log: %d records shipped and not yet stored by the writer process", waiting)
-        try:
-            send_frames(self._child.data, data)
-        except OSError:  # it died: the batch goes to its successor
-            pass
-
-    _warned_backlog = False
-    _dropping = False
 
     # -- waiting, reading, closing (never called on the request path) ----------------------
 
@@ -586,29 +401,37 @@ class PayloadLog:
                     self._engine = monitor_engine(self.url)
         return self._engine
 
-    async def sync(self, timeout_s: float = 5.0) -> None:
-        """Wait until the records appended so far are encoded (their predictions joinable)."""
-        target = self._seq_in
+    async def _until(self, counter, timeout_s: float) -> bool:
+        """Wake the writer, then wait until ``counter()`` (records encoded / stored) reaches the records written."""
+        target = self.ring.written()[1] + len(self._feedback)
         deadline = time.monotonic() + timeout_s
-        while self._seen_records < target and time.monotonic() < deadline:
-            self._wake.set()
+        try:
+            await asyncio.to_thread(self._call, "wake", timeout_s=5.0)
+        except ModelNotReady:
+            pass
+        while counter() < target:
+            if time.monotonic() >= deadline:
+                return False
             await asyncio.sleep(0.005)
+        return True
+
+    async def sync(self, timeout_s: float = 5.0) -> None:
+        """Wait until the records written so far are encoded (their predictions joinable)."""
+        await self._until(lambda: self.ring.seen()[1], timeout_s)
 
     async def flush(self, timeout_s: float = 10.0) -> dict:
-        """Wait until the records appended so far are in the database (or ``timeout_s`` passes)."""
-        target = self._seq_in
+        """Wait until the records written so far are in the database (or ``timeout_s`` passes)."""
         deadline = time.monotonic() + timeout_s
         done = False
-        while True:
-            self._wake.set()
-            if self._done_records >= target:
+        if await self._until(lambda: self.ring.stored()[1], timeout_s):
+            while True:
                 try:
                     done = (await asyncio.to_thread(self._call, "status", timeout_s=5.0))["clean"]
                 except ModelNotReady:
                     done = False
-            if done or time.monotonic() >= deadline:
-                break
-            await asyncio.sleep(0.01)
+                if done or time.monotonic() >= deadline:
+                    break
+                await asyncio.sleep(0.01)
         return {"flushed": done, **await asyncio.to_thread(self.status)}
 
     def status(self) -> dict:
@@ -618,16 +441,15 @@ class PayloadLog:
         except ModelNotReady as exc:
             child = {"buffered": 0, "spill_bytes": None, "spilled": None, "replayed": None, "written": None,
                      "dropped": 0, "database_error": str(exc)}
-        with self._lock:
-            unstored = self._shipped - self._done_records
-        return {"buffered": len(self._buf) + max(unstored, child["buffered"]), "spill_bytes": child["spill_bytes"],
+        unstored = self.ring.written()[1] - self.ring.stored()[1] + len(self._feedback)
+        return {"buffered": max(unstored, child["buffered"]), "spill_bytes": child["spill_bytes"],
                 "spilled": child["spilled"], "replayed": child["replayed"], "written": child["written"],
                 "dropped": child["dropped"] + self.dropped, "database_error": child["database_error"],
                 "writer_restarts": self.restarts}
 
     def close(self, timeout_s: float = 30.0) -> None:
-        """Store everything held (SIGTERM drain): ship what is buffered, let the writer process store it
-        (the database, or the spill file for the next start), wait for it to exit."""
+        """Store everything written (SIGTERM drain): the writer process reads the ring to its end, stores it
+        (the database, or the spill file for the next start) and exits."""
         deadline = time.monotonic() + timeout_s
         self._stopping = True
         self._wake.set()
@@ -639,11 +461,14 @@ class PayloadLog:
             except Exception:  # noqa: BLE001
                 log.exception("payload log: cannot restart the writer process to drain")
             child = self._child
+        for row in self._feedback:  # the drain makes room as it goes: the writer reads what is written
+            if not self.ring.blob(FEEDBACK, row):
+                log.error("payload log: a feedback row (request %s) did not fit in the buffer at close",
+                          row.get("request_id"))
         closed: Future = Future()
         if child is not None:
             child.pending["closed"] = closed
             try:
-                send_frames(child.data, _frames(("e",)))
                 with child.send_lock:
                     child.control.send_bytes(pickle.dumps((-1, "close", (max(1.0, deadline - time.monotonic()),))))
                 closed.result(max(1.0, deadline - time.monotonic()) + 5)
@@ -657,12 +482,9 @@ class PayloadLog:
                 child.proc.wait()
             if child.reader is not None:
                 child.reader.join(5)
-            for conn in (child.data, child.control):
-                conn.close()
-        with self._lock:
-            lost = self._shipped - self._done_records
+            child.control.close()
+        lost = self.ring.written()[1] - self.ring.stored()[1]
         if lost > 0:
             log.error("payload log: %d records were not stored at close", lost)
         if self._engine is not None:
             self._engine.dispose()
-

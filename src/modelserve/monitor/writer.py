@@ -1,21 +1,20 @@
-"""The payload log's writer process: encodes, scores and stores what the server's ``PayloadLog`` ships.
+"""The payload log's writer process: reads, encodes, scores and stores what the server's request path
+wrote into the shared-memory ring (``ring.py``).
 
-Started by ``PayloadLog.start`` as ``python -m modelserve.monitor.writer DATA_FD CONTROL_FD`` (never a
-fork of the server: it imports no server module but the model config classes it unpickles). Two
-connections (socketpairs) join it to the server:
+Started by ``PayloadLog.start`` as ``python -m modelserve.monitor.writer RING_FD CONTROL_FD`` (never a
+fork of the server: it imports no server module but the model config classes it unpickles). The ring holds
+the records; the control connection carries request/response calls (quality, drift, status, wake, close)
+from the server's threads, and this process's database state (``("state", True, (connected, error))``).
 
-- data: the server sends one pickled batch per cycle (records grouped per model version as columns, their
-  arrays joined; see ``PayloadLog._pack``), kept as it came until the writer thread encodes it column by
-  column (``_encode_group``: rows as tuples with their JSON columns as text, built without a per-record
-  dict); the writer answers ``("s", seen, stored, connected, db_error)``:
-  the last batch encoded (its predictions joinable for feedback), the last batch whose rows are in the
-  database or fsync'ed in the spill file, and whether the database is connected;
-- control: request/response calls (quality, drift, status, close) from the server's threads.
+A cycle (every ``interval_s``, or sooner when ``batch_size`` records wait or a caller waits on a flush)
+takes up to ``batch_size`` records, encodes them column by column (``_encode_group``: rows as tuples with
+their JSON columns as text, built without a per-record dict), marks them *seen* (predictions joinable),
+stores them (database or spill file) and marks them *stored*: the server may then reuse their space.
 
 The process runs at ``NICE`` (+10 over the server): its work is off the request path and may wait for
-CPU to spare. SIGINT and SIGTERM are ignored here: the server drives the drain (``close``). When the server dies
-(``kill -9``) both connections reach EOF: the writer stores what it received (database or spill file)
-and exits.
+CPU to spare. SIGINT and SIGTERM are ignored here: the server drives the drain (``close``). When the server
+dies (``kill -9``) the control connection reaches EOF: the writer stores everything the ring holds
+(database or spill file) and exits.
 """
 
 from __future__ import annotations
@@ -25,11 +24,9 @@ import logging
 import os
 import pickle
 import signal
-import socket
 import sys
 import threading
 import time
-from collections import deque
 from itertools import chain, repeat
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -58,6 +55,7 @@ from modelserve.monitor.payload_log import (
     monitor_engine,
 )
 from modelserve.monitor.quality import QualityTracker
+from modelserve.monitor.ring import RingConsumer, pack
 from modelserve.monitor.spill import SpillFile
 
 log = logging.getLogger("modelserve.monitor.payload_log")
@@ -136,7 +134,7 @@ def _clip(values, limit: int) -> list:
     return [v[:limit] if v else v for v in values]
 
 
-def _encode_group(group: tuple, uid_prefix: str, uid_base: int) -> tuple[list, list, list]:
+def _encode_group(group: tuple, uid_prefix: str, uids: list[int]) -> tuple[list, list, list]:
     """One model version's records of a batch, as columns (``PayloadLog._pack``) -> (row tuples in
     ``PAYLOAD_COLUMNS`` order, ``at`` as the epoch; drift observations; (request id, model, version,
     prediction text) for feedback). The common case (every request answered, tensors joined, a batching
@@ -168,25 +166,26 @@ def _encode_group(group: tuple, uid_prefix: str, uid_base: int) -> tuple[list, l
         enc_in, enc_out, pred_docs = zip(*docs) if docs else ((), (), ())
         fast = (_texts(enc_in), _texts(enc_out), _texts(pred_docs))
     enc_in, enc_out, preds = fast
-    rows = _rows(group, uid_prefix, uid_base, enc_in, enc_out, preds)
+    rows = _rows(group, uid_prefix, uids, enc_in, enc_out, preds)
     remembered = [(r, model, version, p) for r, p in zip(rid, preds) if p is not None]
     return rows, observed, remembered
 
 
-def _rows(group: tuple, uid_prefix: str, uid_base: int, enc_in, enc_out, preds) -> list[tuple]:
+def _rows(group: tuple, uid_prefix: str, uids: list[int], enc_in, enc_out, preds) -> list[tuple]:
+    """Row tuples; a row's uid is the prefix and its record's place in the ring (``uids``: the take's, in order)."""
     _, model, version, positions, at, rid, protocol, client, status, error, latency, _, _ = group
-    if positions is None:
-        positions = range(len(rid))
-    uids = list(map(f"{uid_prefix.replace('%', '%%')}%x".__mod__, (uid_base + p for p in positions)))
-    return list(zip(uids, _clip(rid, 200), repeat(model[:200]), repeat(version[:40] if version else None),
+    if positions is not None:
+        uids = [uids[p] for p in positions]
+    uid_texts = list(map(f"{uid_prefix.replace('%', '%%')}%x".__mod__, uids))
+    return list(zip(uid_texts, _clip(rid, 200), repeat(model[:200]), repeat(version[:40] if version else None),
                     _clip(protocol, 20), status, error, (np.asarray(latency, dtype=np.float64) / 1e6).tolist(),
                     _clip(client, 200), at, enc_in, enc_out, preds))
 
 
-def _unencodable(group: tuple, uid_prefix: str, uid_base: int, exc: BaseException) -> list[tuple]:
+def _unencodable(group: tuple, uid_prefix: str, uids: list[int], exc: BaseException) -> list[tuple]:
     text = _dumps({"unencodable": str(exc)})
     n = len(group[5])
-    return _rows(group, uid_prefix, uid_base, [text] * n, [text] * n, [None] * n)
+    return _rows(group, uid_prefix, uids, [text] * n, [text] * n, [None] * n)
 
 
 _AT = PAYLOAD_COLUMNS.index("at")
@@ -219,10 +218,10 @@ class Writer:
     them: one bulk INSERT in one transaction on a single database thread, or the spill file when the
     database fails or does not answer within ``write_timeout_s``; replays the spill file when it is back."""
 
-    def __init__(self, url: str, spill_path: Path, *, uid_prefix: str, interval_s: float = 0.25,
+    def __init__(self, url: str, spill_path: Path, ring: RingConsumer, *, uid_prefix: str, interval_s: float = 0.25,
                  batch_size: int = 2000, write_timeout_s: float = 2.0, retry_s: float = 1.0,
                  max_buffer: int = 200_000, quality_window: int = 1000, quality_remember: int = 100_000,
-                 repository: str | None = None, report=None):
+                 repository: str | None = None, configs: dict | None = None, report=None):
         self.url = url
         self.spill = SpillFile(spill_path)
         self.quality = QualityTracker(quality_window, quality_remember)
@@ -230,14 +229,12 @@ class Writer:
         self.interval_s, self.batch_size = interval_s, batch_size
         self.write_timeout_s, self.retry_s, self.max_buffer = write_timeout_s, retry_s, max_buffer
         self.uid_prefix = uid_prefix
-        self._report = report or (lambda seen, stored: None)
-        self._buf: deque = deque()
-        self._marks: deque = deque()  # (batch, records received up to its end)
-        self._received = 0
-        self._seen_batch = self._stored_batch = 0
+        self.ring = ring
+        #: tells the server the database's state when it changes (a no-argument callable)
+        self._report = report or (lambda: None)
+        self._done: tuple[int, int] | None = None  # (ring position, records) encoded and stored, or held
         self._statements: dict[int, str] = {}
         self._held: list[dict] = []
-        self._seq_seen = self._seq_done = 0
         self._engine = None
         self._db = ThreadPoolExecutor(1, thread_name_prefix="payload-db")
         self._job: Future | None = None
@@ -247,64 +244,43 @@ class Writer:
         self._thread = threading.Thread(target=self._run, name="payload-log", daemon=True)
         self.written = self.dropped = 0
         self.db_error: str | None = None
-        self.configs: dict = {None: None}
+        self.configs: dict = {None: None, **(configs or {})}
 
     def start(self) -> None:
         self._job = self._db.submit(self._connect)
         self._thread.start()
 
-    # -- what the server ships ------------------------------------------------------------------
-
-    def receive(self, message) -> None:
-        """One message of the data connection: ``("c", configs)`` or ``("b", batch, ...)``, kept as it came
-        (columns) until the writer thread encodes it."""
-        if message[0] == "c":
-            self.configs.update(message[1])
-            return
-        _, batch, uid_base, count, configs, feedback, groups = message
-        self.configs.update(configs)
-        self._buf.append((uid_base, count, feedback, groups))
-        self._received += count
-        self._marks.append((batch, self._received))
-        self._wake.set()
-
     def _progress(self) -> None:
-        """Report the batches encoded and the batches stored (database, or fsync'ed in the spill file)."""
-        seen, stored = self._seen_batch, self._stored_batch
-        marks = list(self._marks)  # the receiving thread appends; only this thread pops
-        for batch, end in marks:
-            if end > self._seq_seen:
-                break
-            seen = batch
-        if not self._held:
-            for batch, end in marks:
-                if end > self._seq_done:
-                    break
-                stored = batch
-        while self._marks and self._marks[0][0] <= stored:
-            self._marks.popleft()
-        self._seen_batch, self._stored_batch = max(seen, self._seen_batch), max(stored, self._stored_batch)
-        self._report(self._seen_batch, self._stored_batch)
+        """Publish what is stored (the database, or fsync'ed in the spill file): the server may reuse its space."""
+        if self._done is not None and not self._held:
+            self.ring.mark_stored(*self._done)
+            self._done = None
+        try:
+            self._report()
+        except Exception:  # noqa: BLE001 - the server is gone: the drain stores what is left
+            pass
 
     # -- the writer thread -------------------------------------------------------------------
 
     def _run(self) -> None:
         deadline = None
+        last = 0.0
         while True:
-            self._wake.wait(self.interval_s)
+            woken = self._wake.wait(POLL_S)
             self._wake.clear()
             stopping = self._stopping
+            # a cycle per interval, or sooner: a batch waits, a caller waits (sync, flush), the drain
+            if not (woken or stopping or time.monotonic() - last >= self.interval_s
+                    or self.ring.waiting() >= self.batch_size):
+                continue
+            last = time.monotonic()
             try:
                 self._cycle()
             except Exception:  # noqa: BLE001 - the writer must outlive any one bad batch
                 log.exception("payload log writer")
-            try:
-                self._progress()
-            except Exception:  # noqa: BLE001 - the server is gone: the close path stores what is left
-                pass
             if stopping:
                 deadline = deadline or time.monotonic() + 10
-                if not self._buf and (not self._held or time.monotonic() > deadline):
+                if not self.ring.waiting() and (not self._held or time.monotonic() > deadline):
                     return
 
     def _cycle(self) -> None:
@@ -312,13 +288,21 @@ class Writer:
         if self._held:
             rows, self._held = self._held, []
             self._store(rows)
-        while self._buf:
-            unit = self._buf.popleft()
-            rows = self._encode(unit)
-            self._seq_seen += unit[1]
             self._progress()
-            self._store(rows)
-            self._seq_done += unit[1]
+        while True:
+            taken = self.ring.take(self.batch_size)
+            if taken is None:
+                break
+            records, configs, end, count = taken
+            self.configs.update(configs)
+            rows = self._encode(records) if records else []
+            self.ring.mark_seen(end, count)
+            if rows:
+                self._store(rows)
+            self._done = (end, count)
+            self._progress()
+            if not self._stopping and self.ring.waiting() < self.batch_size:
+                break  # what arrived meanwhile waits for the next cycle: one transaction per batch, not a tail of small ones
         self._reap()
         if self._job is None and time.monotonic() >= self._retry_at:
             if self._engine is None:
@@ -326,22 +310,42 @@ class Writer:
             elif self.spill.pending():
                 self._job = self._db.submit(self._replay)
 
-    def _encode(self, unit: tuple) -> list:
-        """One shipped batch -> its rows in request order: a tuple per payload row (``_encode_group``), the
-        dict of a feedback row. Remembers the predictions (feedback) and feeds drift."""
-        uid_base, count, feedback, groups = unit
+    def _encode(self, items: list[tuple]) -> list:
+        """A take's items (``RingConsumer.take``) -> their rows in order: a tuple per payload row
+        (``_encode_group``), the dict of a feedback row. Remembers the predictions (feedback) and feeds drift."""
+        rows, observed, remembered = [], [], []
+        single: list[tuple] = []
+        for item in [*items, None]:
+            if item is not None and item[0] != "r":
+                single.append(item)
+                continue
+            if single:  # requests and feedback one record each, grouped per model version
+                uids, feedback, groups = pack(single)
+                rows += self._encode_groups(uids, len(single), feedback, groups, observed, remembered)
+                single = []
+            if item is not None:  # a run of answered requests of one layout: one group already
+                rows += self._encode_groups(item[2], len(item[2]), [], [item[1]], observed, remembered)
+        self.quality.remember(remembered)
+        try:
+            self.drift.observe(observed)
+        except Exception:  # noqa: BLE001 - drift must never cost a row
+            log.exception("payload log: drift statistics")
+        forget_stats()
+        return rows
+
+    def _encode_groups(self, uids: list[int], count: int, feedback: list, groups: list, observed: list,
+                       remembered: list) -> list:
         rows: list = [None] * count
         for pos, row in feedback:
             rows[pos] = row
-        observed, remembered = [], []
         for group in groups:
             config = self.configs.get(group[0])
             group = (config, *group[1:])
             try:
-                encoded, seen, preds = _encode_group(group, self.uid_prefix, uid_base)
+                encoded, seen, preds = _encode_group(group, self.uid_prefix, uids)
             except Exception as exc:  # noqa: BLE001 - never lose the rows: keep what needs no encoding
                 log.exception("payload log: cannot encode a batch of model '%s'", group[1])
-                encoded, seen, preds = _unencodable(group, self.uid_prefix, uid_base, exc), [], []
+                encoded, seen, preds = _unencodable(group, self.uid_prefix, uids, exc), [], []
             positions = group[3]
             if positions is None and len(encoded) == count:
                 rows = encoded
@@ -350,12 +354,6 @@ class Writer:
                     rows[pos] = row
             observed += seen
             remembered += preds
-        self.quality.remember(remembered)
-        try:
-            self.drift.observe(observed)
-        except Exception:  # noqa: BLE001 - drift must never cost a row
-            log.exception("payload log: drift statistics")
-        forget_stats()
         return rows
 
     def _store(self, rows: list[dict]) -> None:
@@ -426,7 +424,7 @@ class Writer:
         self._feedback_insert = _insert_skipping_duplicates(engine, feedback)
         self._engine = engine
         try:  # the server waits for this at start
-            self._report(self._seen_batch, self._stored_batch)
+            self._report()
         except Exception:  # noqa: BLE001
             pass
 
@@ -503,12 +501,15 @@ class Writer:
 
     def status(self) -> dict:
         self._wake.set()  # a caller waiting on a flush: run a cycle (reap, replay) now
-        buffered = sum(unit[1] for unit in list(self._buf)) + len(self._held)
-        return {"buffered": buffered, "spill_bytes": self.spill.pending(),
+        waiting = self.ring.waiting()
+        return {"buffered": waiting + len(self._held), "spill_bytes": self.spill.pending(),
                 "spilled": self.spill.appended, "replayed": self.spill.replayed, "written": self.written,
                 "dropped": self.dropped, "database_error": self.db_error,
-                "clean": (not self._buf and not self._held and self._job is None and self._engine is not None
-                          and not self.spill.pending()), "stored_batch": self._stored_batch}
+                "clean": (not waiting and not self._held and self._job is None and self._engine is not None
+                          and not self.spill.pending())}
+
+    def wake(self) -> None:
+        self._wake.set()
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Store everything held (the drain): into the database, or the spill file for the next start."""
@@ -542,89 +543,41 @@ def _insert_skipping_duplicates(engine, table):
     return insert(table).on_conflict_do_nothing()
 
 
-class _Frames:
-    """The data connection's messages (``payload_log._frames``), read straight off the socket with
-    ``recv_into`` into a buffer per frame: multiprocessing's ``recv_bytes`` gathers a large frame through a
-    BytesIO (two more copies and a Python loop: ~2 µs per 3 KB record; this: ~0.4). Its framing: a 4-byte
-    big-endian size (-1: an 8-byte size follows), then the bytes."""
-
-    def __init__(self, conn: Connection):
-        self.sock = socket.socket(fileno=os.dup(conn.fileno()))
-
-    def _exactly(self, n: int):
-        buf = np.empty(n, np.uint8) if n > 65536 else bytearray(n)  # a large one need not be zeroed first
-        view, got = memoryview(buf), 0
-        while got < n:
-            k = self.sock.recv_into(view[got:])
-            if not k:
-                raise EOFError
-            got += k
-        return view
-
-    def _frame(self):
-        size = int.from_bytes(self._exactly(4), "big", signed=True)
-        if size == -1:
-            size = int.from_bytes(self._exactly(8), "big")
-        return self._exactly(size)
-
-    def message(self):
-        first = self._frame()
-        count = int.from_bytes(first[:4], "little")
-        buffers = [self._frame() for _ in range(count)]
-        return pickle.loads(first[4:], buffers=buffers)
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def _serve(data: Connection, control: Connection) -> None:
+def _serve(ring_fd: int, control: Connection) -> None:
     options = pickle.loads(control.recv_bytes())
+    ring = RingConsumer(ring_fd, options.pop("ring_size"), options.pop("layouts"))
     from modelserve.logs import setup_logging
 
     setup_logging(logging.getLevelName(options.pop("log_level", logging.INFO)))  # the server's format
     send_lock = threading.Lock()
     last: list = [None]
 
-    def report(seen: int, stored: int) -> None:
-        state = (seen, stored, writer._engine is not None, writer.db_error)
+    def send(message) -> None:
+        with send_lock:
+            control.send_bytes(pickle.dumps(message))
+
+    def report() -> None:
+        state = (writer._engine is not None, writer.db_error)
         if state != last[0]:
             last[0] = state
-            with send_lock:
-                data.send_bytes(pickle.dumps(("s", *state)))
+            send(("state", True, state))
 
-    writer = Writer(**options, report=report)
+    writer = Writer(options.pop("url"), options.pop("spill_path"), ring, **options, report=report)
     writer.start()
     gc.freeze()  # what start-up made (modules, the engine) leaves the collector's sight: full collections stay cheap
-    control.send_bytes(pickle.dumps((0, True, {"spill": str(writer.spill.path)})))
-
-    frames = _Frames(data)
-
-    def reader() -> None:
-        while True:
-            try:
-                message = frames.message()
-            except (EOFError, OSError):
-                return
-            if message[0] == "e":  # the server shipped everything: close follows
-                return
-            try:
-                writer.receive(message)
-            except Exception:  # noqa: BLE001 - a batch we cannot read: say so, go on with the next
-                log.exception("payload log writer: unreadable batch")
-
-    receiving = threading.Thread(target=reader, name="payload-receive", daemon=True)
-    receiving.start()
+    send((0, True, {"spill": str(writer.spill.path)}))
     calls = {
         "lookup": writer.quality.lookup, "given": writer.quality.given, "add": writer.quality.add,
         "quality_snapshot": writer.quality.snapshot, "drift_snapshot": writer.drift.snapshot,
         "drift_reset": writer.drift.reset, "attach": writer.drift.attach, "status": writer.status,
+        "wake": writer.wake,
     }
     close_timeout = 30.0
     while True:
         try:
             call_id, name, args = pickle.loads(control.recv_bytes())
-        except (EOFError, OSError):  # the server died: store what arrived, then go
-            log.warning("payload log writer: the server is gone; storing what arrived, then exiting")
+        except (EOFError, OSError):  # the server died: store what it wrote, then go
+            log.warning("payload log writer: the server is gone; storing what it wrote, then exiting")
             break
         if name == "close":
             close_timeout = args[0]
@@ -637,14 +590,14 @@ def _serve(data: Connection, control: Connection) -> None:
         except Exception as exc:  # noqa: BLE001 - the caller raises it
             answer = (call_id, False, exc)
         try:
-            payload = pickle.dumps(answer)
-        except Exception as exc:  # noqa: BLE001
-            payload = pickle.dumps((call_id, False, RuntimeError(str(exc))))
-        control.send_bytes(payload)
-    receiving.join(close_timeout)  # everything sent before close (or before the server died)
+            send(answer)
+        except (OSError, ValueError):
+            break
+        except Exception as exc:  # noqa: BLE001 - an answer that does not pickle
+            send((call_id, False, RuntimeError(str(exc))))
     writer.close(close_timeout)
     try:
-        control.send_bytes(pickle.dumps(("closed", True, writer.status())))
+        send(("closed", True, writer.status()))
     except (OSError, ValueError):
         pass
 
@@ -652,6 +605,8 @@ def _serve(data: Connection, control: Connection) -> None:
 #: the writer process's niceness, added to the server's: under CPU contention the serving path wins and
 #: the writer catches up when there is CPU to spare (its backlog is bounded by ``max_buffer`` and the spill file)
 NICE = 10
+#: how often the writer thread looks at the ring (a cycle runs per ``interval_s``, or sooner when a batch waits)
+POLL_S = 0.02
 
 
 def main() -> None:
@@ -661,9 +616,11 @@ def main() -> None:
         pass
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server drives the drain
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    data, control = Connection(int(sys.argv[1])), Connection(int(sys.argv[2]))
     try:
-        _serve(data, control)
+        _serve(int(sys.argv[1]), Connection(int(sys.argv[2])))
+    except BaseException:  # os._exit below would hide it
+        log.exception("payload log writer failed")
+        raise
     finally:
         sys.stderr.flush()
         os._exit(0)

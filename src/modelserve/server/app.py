@@ -90,6 +90,7 @@ def _payload_log(settings: ServerSettings):
     from modelserve.registry.db import safe_url
 
     payload_log = PayloadLog(settings.monitor_url(), settings.monitor_spill, max_buffer=settings.monitor_max_buffer,
+                             buffer_bytes=settings.monitor_buffer_mb << 20,
                              quality=QualityTracker(settings.quality_window))
     payload_log.start()
     log.info("payload log to %s (spill file %s)", safe_url(payload_log.url), payload_log.spill.path)
