@@ -719,59 +719,92 @@ def test_a_writer_far_behind_bounds_the_servers_memory_and_counts_what_it_drops(
     assert "new records are dropped" in server.log()
 
 
+def _ring_records(consumer) -> list[tuple]:
+    """Everything the ring holds, marked stored, as (request id, {name: array} of inputs and outputs, status)
+    per request and ("f", row) per feedback row: runs of answered requests taken apart row by row."""
+    out = []
+    while (taken := consumer.take(1000)) is not None:
+        for item in taken[0]:
+            if item[0] == "f":
+                out.append(("f", item[1]))
+            elif item[0] == "r":
+                group = item[1]
+                rids, statuses, p_in, p_out = group[5], group[8], group[11], group[12]
+                assert p_in[0] == p_out[0] == "c"
+                for j, rid in enumerate(rids):
+                    tensors = {}
+                    for packed in (p_in[1], p_out[1]):
+                        for name, (joined, rows) in packed.items():
+                            start = sum(rows[:j])
+                            tensors[name] = joined[start:start + rows[j]]
+                    out.append((rid, tensors, statuses[j]))
+            else:
+                n_in, n_out = item[11], item[12]
+                count = max(n_in, 0) + max(n_out, 0)
+                tensors = dict(zip(item[13:13 + 2 * count:2], item[14:14 + 2 * count:2]))
+                # views of the ring, valid until marked stored (the writer is done with them by then)
+                out.append((item[2], {n: np.array(a, copy=True) for n, a in tensors.items()}, item[7]))
+        consumer.mark_stored(*taken[2:])
+    return out
+
+
 def test_ring_gives_back_every_record_as_written_across_wraps():
     """The shared-memory ring between the request path and the writer process: records of every shape come
-    back equal, in order, through many laps of a small ring; a full ring refuses requests (the caller counts
-    them dropped) but keeps room for feedback; space is reused only behind what the reader marked stored."""
+    back equal through many laps of a small ring (answered requests batched per layout, the rest one by one);
+    a full ring refuses requests (the caller counts them dropped) but keeps room for feedback; space is
+    reused only behind what the reader marked stored."""
     from modelserve.monitor.ring import CONFIG, FEEDBACK, RingConsumer, RingProducer
 
     rng = np.random.default_rng(1)
-    producer = RingProducer(1 << 16, max_records=10_000)
+    producer = RingProducer(1 << 17, max_records=10_000)
     consumer = RingConsumer(producer.fd, producer.size)
     cases = [
-        ({"x": rng.random((1, 300), dtype=np.float32)}, {"y": rng.random((1, 10))}),
+        ({"x": rng.random((1, 300), dtype=np.float32)}, {"y": rng.random((1, 10))}),  # a layout: batched
+        ({"x": rng.random((3, 5), dtype=np.float32)}, {"y": rng.integers(0, 9, (3, 2))}),  # batched, 3 rows
         ({"x": np.arange(12, dtype=np.int64).reshape(3, 4)[:, ::2]}, {"y": np.array(True)}),  # strided, 0-d
         ({"s": np.array([b"ab", b"\xff", "é"], dtype=object)}, {"n": np.zeros((0, 3), np.float16)}),
         ({"x": rng.random((2, 2)).astype(">f8")}, None),  # big-endian (pickled: the values kept); failed: no outputs
         (None, None),  # rejected before it had tensors
     ]
-    written = []
-    for i in range(400):
+    expected: dict = {}
+    got: list = []
+    for i in range(600):
         inputs, outputs = cases[i % len(cases)]
         rid = f"r{i}-" + "é" * (i % 3)
-        assert producer.request(1000.0 + i, rid, "m", None if i % 2 else "2", "v2-rest", None if i % 3 else "c:1",
-                                200 if outputs else 400, None if outputs else f"bad {i}", i, (i % 4) or None,
-                                inputs, outputs)
-        written.append((rid, inputs, outputs))
+        if outputs is not None:
+            assert producer.answered(1000.0 + i, rid, None if i % 3 else "c:1", i, (i % 4) or None, "m",
+                                     "1", "v2-rest", inputs, outputs) == 0
+        else:
+            assert producer.request(1000.0 + i, rid, "m", None, "v2-rest", None, 400, f"bad {i}", i, None,
+                                    inputs, None) == 0
+        expected[rid] = ({**(inputs or {}), **(outputs or {})}, 200 if outputs is not None else 400)
         if i % 50 == 0:
             assert producer.blob(FEEDBACK, {"request_id": rid, "i": i}) and producer.blob(CONFIG, (i, f"cfg{i}"))
-            written.append(("f", i))
-        if i % 7 == 0:  # the reader keeps up now and then: everything stored, the writer starts over
-            while (taken := consumer.take(1000)) is not None:
-                got, configs, end, count = taken
-                for record in got:
-                    expected = written.pop(0)
-                    if record[0] == "f":
-                        assert expected == ("f", record[1]["i"])
-                        continue
-                    rid, inputs, outputs = expected
-                    assert record[2] == rid and record[3] == "m" and record[5] == "v2-rest"
-                    n_in, n_out = record[11], record[12]
-                    assert n_in == (len(inputs) if inputs is not None else -1)
-                    assert n_out == (len(outputs) if outputs is not None else -1)
-                    tensors = dict(zip(record[13:-1:2], record[14:-1:2]))
-                    for name, array in {**(inputs or {}), **(outputs or {})}.items():
-                        assert tensors[name].shape == array.shape and tensors[name].dtype == array.dtype.newbyteorder("=")
-                        assert np.array_equal(tensors[name], array)
-                consumer.mark_stored(end, count)
+            expected[("f", i)] = None
+        if i % 7 == 0:  # the reader keeps up now and then
+            got += _ring_records(consumer)
+    producer.flush_pending()
+    got += _ring_records(consumer)
     assert producer.written()[0] > 4 * producer.size  # many laps
+    seen = set()
+    for record in got:
+        if record[0] == "f":
+            key = ("f", record[1]["i"])
+            assert key in expected and key not in seen
+            seen.add(key)
+            continue
+        rid, tensors, status = record
+        assert rid not in seen
+        seen.add(rid)
+        want, want_status = expected[rid]
+        assert status == want_status and tensors.keys() == want.keys()
+        for name, array in want.items():
+            assert tensors[name].dtype == array.dtype.newbyteorder("=") and np.array_equal(tensors[name], array)
+    assert seen == set(expected)
     # full: requests refused, feedback still taken (its reserve), nothing overwritten that was not stored
     big = {"x": np.ones((1, 2000), np.float32)}
-    refused = sum(not producer.request(0.0, "r", "m", "1", "p", None, 200, None, 0, None, big, None)
+    refused = sum(producer.request(0.0, "r", "m", "1", "p", None, 200, None, 0, None, big, None)
                   for _ in range(100))
-    assert refused > 0 and producer.blob(FEEDBACK, {"request_id": "late"})
-    records = []
-    while (taken := consumer.take(1000)) is not None:
-        records += taken[0]
-        consumer.mark_stored(*taken[2:])
-    assert records[-1][:2] == ("f", {"request_id": "late"}) and len(records) == len(written) + 100 - refused + 1
+    assert refused > 0 and producer.blob(FEEDBACK, {"request_id": "late", "i": -1})
+    records = _ring_records(consumer)
+    assert records[-1] == ("f", {"request_id": "late", "i": -1}) and len(records) == 100 - refused + 1

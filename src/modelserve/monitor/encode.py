@@ -5,7 +5,7 @@ references to the arrays (they are not mutated after the response) and this turn
 small JSON. Small tensors are kept as values; large ones as a summary that still lets one tell
 two payloads apart (sha256) and see drift (mean, std, min, max).
 
-``encode_packed`` is the writer's hot path: a column of records whose tensors the server shipped
+``encode_packed`` is the writer's hot path: a column of records whose tensors come
 joined (one array per name) becomes each record's JSON text in one numpy pass per name, the text
 built from a template (no per-record dict); anything else goes through ``encode_many``/``encode``.
 """
@@ -213,7 +213,7 @@ def _joined_texts(joined: np.ndarray, counts: list[int], max_values: int) -> lis
 
 
 def encode_packed(packed: tuple, count: int, max_values: int) -> list[str | None]:
-    """A column of ``count`` records' tensors as the server ships it (``("c", {name: (joined, rows per
+    """A column of ``count`` records' tensors as the writer packs it (``("c", {name: (joined, rows per
     record)})`` or ``("l", [dict | None, ...])``, see ``payload_log._pack_flat``) -> each record's
     ``encode_all`` document as JSON text (None where the record has no tensors)."""
     kind, value = packed
@@ -304,7 +304,7 @@ def prediction(outputs: dict[str, np.ndarray] | None, batching: bool, task: str 
 
 
 def predictions_packed(packed: tuple, count: int, batching: bool, task: str = "auto") -> list[str | None] | None:
-    """Each record's ``prediction`` as JSON text, from outputs shipped joined (``encode_packed``'s "c" form) of a
+    """Each record's ``prediction`` as JSON text, from outputs joined (``encode_packed``'s "c" form) of a
     batching model: one ``prediction`` of the joined outputs, cut per record (row-wise, so the same result).
     None when the outputs are not joined that way (the caller goes record by record)."""
     kind, value = packed

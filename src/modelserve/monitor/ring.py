@@ -43,8 +43,8 @@ from itertools import chain
 import numpy as np
 
 HEADER = 4096
-#: the header's u64 words (each pair on a cache line of its own): (bytes, records); _SKIP: (from, to)
-_HEAD, _STORED, _SEEN, _SKIP = 0, 8, 16, 24
+#: the header's u64 words (each pair on a cache line of its own): (bytes, records)
+_HEAD, _STORED, _SEEN = 0, 8, 16
 _KIND = struct.Struct("<IB")
 _LAYOUT_ID = struct.Struct("<I")
 #: total, kind, inputs, outputs (255: None), status, config key (0: none), at, latency ns, six string lengths
@@ -67,6 +67,11 @@ _CODES = {d: i for i, d in enumerate(_DTYPES) if d is not None}
 MAX_RECORD_FRACTION = 8
 #: bytes kept free for feedback rows (never dropped) when requests fill the ring (at most 1/16 of it)
 FEEDBACK_RESERVE = 1 << 20
+#: answered records of one layout wait for this many (or this many bytes) before they are written as one block
+FLUSH_RECORDS = 64
+FLUSH_BYTES = 1 << 20
+#: the writer wraps back to the start of the area once the reader has stored past 1/EARLY_WRAP of it
+EARLY_WRAP = 8
 _MAX_STRING = 16_000  # bytes of a request id, client, model, version or protocol (the columns keep 200 or fewer)
 
 
@@ -104,14 +109,19 @@ class RingProducer(_Mapped):
             fd = os.dup(tempfile.TemporaryFile(dir=directory).fileno())
         os.ftruncate(fd, HEADER + size)
         super().__init__(fd, size)
+        # the pages the ring uses while the writer keeps up, faulted in now rather than on the request path
+        warm = min(size, size // EARLY_WRAP * 2)
+        self.buf[HEADER:HEADER + warm] = bytes(warm)
         self.max_records = max_records
         self.reserve = min(FEEDBACK_RESERVE, size // 16)
         self._head = self._count = 0
-        self._skip = (-1, -1)
         #: (config key, model, version, protocol, names, dtypes and shapes of the tensors) -> (id, tensor bytes)
         self._layouts: dict[tuple, tuple[int, list[int]]] = {}
         self.layouts: dict[int, tuple] = {}  # id -> what the writer needs to read its records
         self._layout_lock = threading.Lock()
+        self._pending: list[tuple] = []
+        self._pending_layout: tuple | None = None
+        self._pending_lock = threading.Lock()
         self._lock = threading.Lock()
         self.too_large = 0
 
@@ -125,38 +135,58 @@ class RingProducer(_Mapped):
         return self._head, self._count
 
     def answered(self, at: float, request_id: str, client: str | None, latency_ns: int, key: int | None,
-                 model: str, version: str, protocol: str, inputs: dict, outputs: dict) -> bool:
-        """An answered request, in the compact form when it can take it (its tensors' names, dtypes and shapes
-        seen before, short ids): every such record of a layout has one size, so the writer reads a run of them
-        as one numpy array; else ``request``."""
+                 model: str, version: str, protocol: str, inputs: dict, outputs: dict) -> int:
+        """An answered request. When it suits a layout (its tensors' names, dtypes and shapes seen before, short
+        ids) it waits in a small batch of its layout, written into the ring as one block of equal-size records
+        (numpy copies each column at once: ``flush_pending``), which the writer reads as one array; else it
+        goes in alone (``request``). Returns how many records were dropped (the ring full)."""
         arrays = [*inputs.values(), *outputs.values()]
-        sig = (key, model, version, protocol, *inputs, None, *outputs,
-               *[(a.dtype, a.shape) for a in arrays])
+        sig = (key, model, version, protocol, *inputs, None, *outputs, *[(a.dtype, a.shape) for a in arrays])
         layout = self._layouts.get(sig)
         if layout is None:
             layout = self._layout(sig, inputs, outputs)
         rid, host = request_id.encode(), client.encode() if client else b""
-        if layout is not None and len(rid) <= 64 and len(host) <= 64:
-            try:
-                views = [a.data.cast("B") for a in arrays]
-            except (TypeError, ValueError, AttributeError):  # not contiguous
-                views = None
-            if views is not None:
-                ident, sizes, total = layout
-                with self._lock:
-                    at_off = self._reserve(total, self.reserve)
-                    if at_off is None:
-                        return False
-                    buf = self.buf
-                    _ANSWERED.pack_into(buf, at_off, total, ANSWERED, ident, at, latency_ns, rid, host)
-                    q = at_off + _ANSWERED.size
-                    for view, size in zip(views, sizes):
-                        buf[q:q + len(view)] = view
-                        q += size
-                    self._publish(total, 1)
-                return True
-        return self.request(at, request_id, model, version, protocol, client, 200, None, latency_ns, key,
-                            inputs, outputs)
+        if layout is None or len(rid) > 64 or len(host) > 64 or not all(a.flags.c_contiguous for a in arrays):
+            return self.request(at, request_id, model, version, protocol, client, 200, None, latency_ns, key,
+                                inputs, outputs)
+        dropped = 0
+        with self._pending_lock:
+            if layout is not self._pending_layout:
+                dropped = self._flush_locked()
+                self._pending_layout = layout
+            self._pending.append((at, latency_ns, rid, host, arrays))
+            if len(self._pending) >= layout[4]:
+                dropped += self._flush_locked()
+        return dropped
+
+    def flush_pending(self) -> int:
+        """Write the batch waiting (the watchdog calls this every cycle, sync and close before they wait)."""
+        with self._pending_lock:
+            return self._flush_locked()
+
+    def _flush_locked(self) -> int:
+        pending, self._pending = self._pending, []
+        if not pending:
+            return 0
+        ident, sizes, total, dtype, _, shapes = self._pending_layout
+        k = len(pending)
+        with self._lock:
+            at_off = self._reserve(k * total, self.reserve)
+            if at_off is None:
+                return k
+            block = np.frombuffer(self.buf, dtype, k, at_off)
+            at, latency, rid, host, arrays = zip(*pending)
+            block["total"], block["kind"], block["layout"] = total, ANSWERED, ident
+            block["at"], block["latency"], block["request_id"], block["client"] = at, latency, rid, host
+            for i, column in enumerate(zip(*arrays)):
+                field = block[f"t{i}"]
+                if shapes[i][0] == 1:  # one row each (the common case): the rows are one (strided) array
+                    np.concatenate(column, axis=0, out=field.reshape(k, *shapes[i][1:]))
+                else:
+                    for j, array in enumerate(column):
+                        field[j] = array
+            self._publish(k * total, k)
+        return 0
 
     def layouts_now(self) -> dict:
         with self._layout_lock:
@@ -183,13 +213,15 @@ class RingProducer(_Mapped):
         if not self.blob(LAYOUT, (ident, spec)):
             return None
         self.layouts[ident] = spec
-        self._layouts[sig] = layout = (ident, sizes, total)
+        batch = max(1, min(FLUSH_RECORDS, FLUSH_BYTES // total))
+        self._layouts[sig] = layout = (ident, sizes, total, record_dtype(spec), batch, [a.shape for a in arrays])
         return layout
 
     def request(self, at: float, request_id: str, model: str, version: str | None, protocol: str,
                 client: str | None, status: int, error: str | None, latency_ns: int, key: int | None,
-                inputs: dict | None, outputs: dict | None) -> bool:
-        """One request's record; False when the ring is full (the writer that far behind): not written."""
+                inputs: dict | None, outputs: dict | None) -> int:
+        """One request's record, after the block of answered ones waiting (the ring keeps the requests' order).
+        Returns how many records were dropped: the ring full (the writer that far behind)."""
         strings = [s.encode("utf-8", "replace")[:_MAX_STRING] if s else b"" for s in
                    (request_id, client, model, version, protocol)]
         strings.append(error.encode("utf-8", "replace") if error else b"")
@@ -215,10 +247,11 @@ class RingProducer(_Mapped):
                                                           for n, a, _, _ in parts)
         n_in = len(inputs) if inputs is not None else NONE
         n_out = len(outputs) if outputs is not None else NONE
+        dropped = self.flush_pending()
         with self._lock:
             at_off = self._reserve(size, self.reserve)
             if at_off is None:
-                return False
+                return dropped + 1
             buf = self.buf
             _RECORD.pack_into(buf, at_off, size, REQUEST, n_in, n_out, status, key or 0, at, latency_ns,
                               *map(len, strings))
@@ -235,7 +268,7 @@ class RingProducer(_Mapped):
                 buf[q:q + len(data)] = data
                 q += _align(len(data))
             self._publish(size, 1)
-        return True
+        return dropped
 
     def blob(self, kind: int, value, reserve: int = 0) -> bool:
         """A pickled ``value`` (feedback row, config); False when the ring is full."""
@@ -254,16 +287,14 @@ class RingProducer(_Mapped):
         """Where (an offset in the map) a record of ``size`` bytes goes, padding to the area's start when it
         does not fit before the end (or when the writer has stored everything); None when full."""
         stored, stored_count = self.stored()
-        if stored == self._skip[0]:  # the reader is at the last skip: it goes on after it
-            stored = self._skip[1]
         head = self._head
         place = head % self.size
-        if head == stored and place:  # the writer has caught up: start again at the beginning (few pages in use)
-            self._skip = (head, head + self.size - place)
-            self.set_pair(_SKIP, *self._skip)  # published with head, after the record
-            self._head = head = stored = self._skip[1]
-            place = 0
-        pad = self.size - place if place + size > self.size else 0
+        # back to the area's start once the writer has stored past an eighth of it in this lap (its records
+        # there are done with): the pages in use stay the first ones, not the whole area, while it keeps up
+        if (head - stored < place and stored % self.size >= self.size // EARLY_WRAP) or place + size > self.size:
+            pad = self.size - place
+        else:
+            pad = 0
         if (self.size - (head - stored) < pad + size + reserve
                 or (reserve and self._count - stored_count >= self.max_records)):
             return None
@@ -279,6 +310,20 @@ class RingProducer(_Mapped):
         self.set_pair(_HEAD, self._head, self._count)
 
 
+def record_dtype(spec: tuple) -> np.dtype:
+    """A layout's records as a numpy record type: a block of them is one array (columns: ``_NAMES``, then
+    ``t0``, ``t1`` ... the tensors)."""
+    names, formats, offsets = list(_NAMES), list(_FORMATS), list(_OFFSETS)
+    q = _ANSWERED.size
+    for i, (_, dtype, shape) in enumerate(spec[5]):
+        dtype = np.dtype(dtype)
+        names.append(f"t{i}")
+        formats.append((dtype, shape))
+        offsets.append(q)
+        q += _align(dtype.itemsize * int(np.prod(shape)))
+    return np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": spec[6]})
+
+
 class RingConsumer(_Mapped):
     """The writer's side: reads records from ``stored`` on, and publishes what it encoded and stored."""
 
@@ -291,17 +336,7 @@ class RingConsumer(_Mapped):
             self._define(ident, spec)
 
     def _define(self, ident: int, spec: tuple) -> None:
-        """A layout's numpy record type: a run of its records is read as one array."""
-        names, formats, offsets = list(_NAMES), list(_FORMATS), list(_OFFSETS)
-        q = _ANSWERED.size
-        for i, (_, dtype, shape) in enumerate(spec[5]):
-            dtype = np.dtype(dtype)
-            names.append(f"t{i}")
-            formats.append((dtype, shape))
-            offsets.append(q)
-            q += _align(dtype.itemsize * int(np.prod(shape)))
-        self._layouts[ident] = (np.dtype({"names": names, "formats": formats, "offsets": offsets,
-                                          "itemsize": spec[6]}), spec)
+        self._layouts[ident] = (record_dtype(spec), spec)
 
     def head(self) -> tuple[int, int]:
         with self._lock:  # acquire: the records behind head are read after it
@@ -322,11 +357,7 @@ class RingConsumer(_Mapped):
         end position, end count), or None when there are none. An item is a run of answered records
         (``("r", group, uid numbers)``, see ``_run``), or a request as the flat tuple ``pack`` takes, or a
         feedback row ``("f", row, position)``; a record's uid number is its position."""
-        with self._lock:  # acquire: the records behind head are read after it
-            head, _ = self.pair(_HEAD)
-            skip_from, skip_to = self.pair(_SKIP)
-        if self.read == skip_from and skip_to > skip_from:  # the server started over at the area's beginning
-            self.read = skip_to
+        head, _ = self.head()
         records, configs = [], {}
         pos, count = self.read, self.read_count
         buf = self.buf

@@ -192,10 +192,10 @@ class Core:
 
 def _tune_gc() -> None:
     """Once the models are loaded: what start-up made (modules, sessions, configs) leaves the collector's
-    sight, and young collections run every 10,000 allocations instead of 700. The payload log holds a
-    cycle's requests (about 0.25 s of them) until they are shipped, and with the defaults every request's
-    objects went through two generations and full collections scanned everything: measured over six runs of
-    benchmarks/payload_log.py, the log's extra server CPU per request went from 22 to 13 µs on average."""
+    sight, and young collections run every 10,000 allocations instead of 700. Decided when the payload log
+    still held a cycle's requests (about 0.25 s of them) in this process: with the defaults every request's
+    objects went through two generations and full collections scanned everything (six runs of
+    benchmarks/payload_log.py: the log's extra server CPU per request went from 22 to 13 µs on average)."""
     import gc
 
     gc.freeze()
