@@ -1,15 +1,15 @@
 """The payload log's ring: the records the request path writes and the writer process reads, in one shared
 memory file both processes map (a Linux memfd; elsewhere an unlinked temporary file).
 
-Why a ring. The request path copies a request's metadata and tensor bytes into it (a few µs, no
-syscall, no lock contention: ``RingProducer.request``) and keeps no reference to the request: its body is
-freed at once. The writer process reads the records straight from the shared pages. Before, the server held
-each cycle's requests (bodies, arrays) and a thread of its own packed, pickled and sent them: that held the
-GIL for milliseconds at a time and cost the event loop 10-20 µs per request (benchmarks/payload_log.py).
+Why a ring. The request path copies a request's metadata and tensor bytes into it and keeps no reference to
+the request; the writer process reads the records straight from the shared pages. Before, the server held
+each cycle's requests (bodies, arrays) and a thread of its own packed, pickled and sent them over a socket:
+that thread held the GIL for milliseconds at a time (benchmarks/README.md, "Payload log cost").
 
 Layout: a 4 KiB header, then ``size`` bytes of records. Positions are logical byte counts that only grow
 (position mod ``size`` is the place in the data area), so a position also names a record for ever: the
-writer makes each row's ``uid`` from it. The header's counters, each on a cache line of its own:
+writer makes each row's ``uid`` from it. The header's counters (native u64 words, each pair on a cache line
+of its own; a word is read and written whole, never through ``struct``, which zeroes before it writes):
 
 - ``head`` / ``head_count`` (written by the server): bytes and records (requests and feedback) written;
 - ``stored`` / ``stored_count`` (written by the writer): bytes and records in the database or fsync'ed in the
@@ -17,15 +17,23 @@ writer makes each row's ``uid`` from it. The header's counters, each on a cache 
   its successor starts reading at ``stored`` (a row stored twice is skipped by its ``uid``);
 - ``seen`` / ``seen_count`` (written by the writer): records encoded (their predictions joinable).
 
-A record is 8-byte aligned: ``_RECORD`` (total length, kind, tensor counts, status, config key, time,
-latency, string lengths), the strings (request id, client, model, version, protocol, error; UTF-8), then per
-tensor ``_TENSOR`` (ndim, dtype code, name length, byte count), its dims, its name and its bytes. Kinds:
-``REQUEST``; ``FEEDBACK`` and ``CONFIG`` carry a pickle; ``PAD`` fills the end of the data area when the
-next record does not fit there (and, when the writer has caught up, the rest of the area: the next record
-starts at its beginning again, so the pages in use stay few while the writer keeps up).
+Records are 8-byte aligned. Kinds:
 
-Order: the server publishes ``head`` after the record's bytes, under a lock (its release is a barrier on
-every architecture); the writer reads ``head`` under a lock of its own before it reads the records.
+- ``ANSWERED``: an answered request of a known *layout* (config, model, version, protocol, tensor names,
+  dtypes and shapes; defined once by a ``LAYOUT`` record): ``_ANSWERED`` (length, kind, layout, time,
+  latency, request id and client NUL-padded to 64 bytes), then the tensors' bytes. Every record of a layout
+  has one size, so the server writes a block of them with one numpy copy per column (``flush_pending``) and
+  the writer reads a run of them as one numpy array (``record_dtype``, ``_run``);
+- ``REQUEST``: anything else (failures, odd dtypes, long ids): ``_RECORD`` (length, kind, tensor counts,
+  status, config key, time, latency, string lengths), the strings, then per tensor ``_TENSOR`` (ndim, dtype
+  code, name length, byte count), its dims, its name and its bytes (pickled for object dtypes);
+- ``FEEDBACK``, ``CONFIG``, ``LAYOUT``: a pickle;
+- ``PAD``: the rest of the data area, when the next record does not fit there, or when the writer has stored
+  past an eighth of the area in this lap: the next record starts at the beginning again, so the pages in use
+  stay the first ones while the writer keeps up.
+
+Order: the server publishes ``head`` after the records' bytes, under a lock; the writer reads ``head`` under
+a lock of its own before it reads the records, and publishes ``stored`` after it is done with them.
 """
 
 from __future__ import annotations
