@@ -46,7 +46,7 @@ def serve(
     monitor_max_buffer: int = typer.Option(200_000, envvar="MODELSERVE_MONITOR_MAX_BUFFER",
                                            help="Payload-log records waiting for its writer process at most; past "
                                                 "them new records are dropped and counted (memory stays bounded)"),
-    monitor_buffer_mb: int = typer.Option(256, envvar="MODELSERVE_MONITOR_BUFFER_MB",
+    monitor_buffer_mb: int = typer.Option(256, envvar="MODELSERVE_MONITOR_BUFFER_MB", min=1,
                                           help="Shared memory (MiB) where payload-log records wait for the writer "
                                                "process; only the part a backlog needs is touched"),
     auth: str = typer.Option("none", envvar="MODELSERVE_AUTH",
