@@ -569,9 +569,9 @@ def _writer_pid(server: Server) -> int:
     raise AssertionError("no writer process")
 
 
-def test_kill_9_of_the_writer_process_loses_nothing_shipped(repo, tmp_path):
-    """The writer process killed under load: the server starts a new one and sends it every batch the
-    dead one had not acknowledged; the rows equal the requests exactly (none lost, none twice)."""
+def test_kill_9_of_the_writer_process_loses_nothing(repo, tmp_path):
+    """The writer process killed under load: the server starts a new one, which reads the ring on from the
+    last record the dead one stored; the rows equal the requests exactly (none lost, none twice)."""
     url = sqlite_url(tmp_path)
     with serve(repo, url, tmp_path / "spill.jsonl") as server:
         sent: list[str] = []
@@ -592,7 +592,7 @@ def test_kill_9_of_the_writer_process_loses_nothing_shipped(repo, tmp_path):
             time.sleep(1.0)
             first = _writer_pid(server)
             os.kill(first, 9)
-            time.sleep(2.5)  # past the shipper's restart back-off, still under load
+            time.sleep(2.5)  # past the watchdog's restart back-off, still under load
         finally:
             stop.set()
             for t in threads:
@@ -687,8 +687,8 @@ def orjson_dumps(value) -> str:
 
 def test_a_writer_far_behind_bounds_the_servers_memory_and_counts_what_it_drops(repo, tmp_path):
     """The writer process stopped (SIGSTOP: as starved of CPU as it gets) under load: requests keep being
-    answered without waiting; the server holds at most 2 x --monitor-max-buffer records and counts the rest
-    as dropped; once the writer runs again, stored rows + dropped = requests, nothing stored twice."""
+    answered without waiting; the ring holds at most --monitor-max-buffer records and the server counts the
+    rest as dropped; once the writer runs again, stored rows + dropped = requests, nothing stored twice."""
     import signal
 
     url = sqlite_url(tmp_path)
@@ -705,7 +705,7 @@ def test_a_writer_far_behind_bounds_the_servers_memory_and_counts_what_it_drops(
                     status, rid, _ = rest(client, "mlp", np.full((1, FEATURES), i, np.float32))
                     assert status == 200
                     sent.append(rid)
-                time.sleep(0.6)  # two shipper cycles
+                time.sleep(0.6)  # two watchdog cycles (a block of answered requests waits at most one)
         finally:
             os.kill(writer, signal.SIGCONT)
         with httpx.Client(base_url=f"http://{server.http_url}") as client:
@@ -714,7 +714,7 @@ def test_a_writer_far_behind_bounds_the_servers_memory_and_counts_what_it_drops(
     ids = [r["request_id"] for r in stored(url)]
     dropped = status["dropped"]
     assert len(ids) == len(set(ids)) and set(ids) <= set(sent)
-    # what was shipped before the backlog reached the limit (whole batches), plus up to `limit` waiting
+    # what the writer stored before it stopped, plus up to `limit` waiting in the ring
     assert dropped > 0 and limit <= len(ids) and len(ids) + dropped == len(sent), (len(ids), dropped)
     assert "new records are dropped" in server.log()
 
@@ -808,3 +808,22 @@ def test_ring_gives_back_every_record_as_written_across_wraps():
     assert refused > 0 and producer.blob(FEEDBACK, {"request_id": "late", "i": -1})
     records = _ring_records(consumer)
     assert records[-1] == ("f", {"request_id": "late", "i": -1}) and len(records) == 100 - refused + 1
+
+
+def test_a_request_over_the_rings_record_limit_is_logged_without_its_bytes(repo, tmp_path):
+    """A record larger than an eighth of the ring (--monitor-buffer-mb 1: 128 KiB) is logged with its tensors
+    as shape, dtype and size, not their bytes; the requests around it are logged whole."""
+    url = sqlite_url(tmp_path)
+    with serve(repo, url, tmp_path / "spill.jsonl", "--monitor-buffer-mb", "1") as server, \
+            httpx.Client(base_url=f"http://{server.http_url}", timeout=30) as client:
+        status, big, _ = rest(client, "mlp", np.ones((1, 60_000), np.float32))  # 240 KB, and the wrong shape
+        assert status == 400
+        status, small, _ = rest(client, "mlp", np.full((1, FEATURES), 2, np.float32))
+        assert status == 200
+        assert flush(client)["dropped"] == 0
+        rows = {r["request_id"]: r for r in client.get("/v2/logs", params={"limit": 10}).json()["rows"]}
+    assert rows[big]["status"] == 400 and "shape" in rows[big]["error"]
+    assert rows[big]["inputs"]["x"] == {"omitted": "over the payload log's per-record limit (an eighth of "
+                                                   "--monitor-buffer-mb)", "shape": [1, 60_000], "dtype": "FP32",
+                                        "bytes": 240_000}
+    assert rows[small]["inputs"]["x"] == [[2.0] * FEATURES] and rows[small]["prediction"] is not None

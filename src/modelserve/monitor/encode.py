@@ -106,8 +106,26 @@ def row_stats(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
     return mean, std, flat.min(axis=1).astype(np.float64), flat.max(axis=1).astype(np.float64)
 
 
+class Omitted:
+    """A tensor the payload log kept no bytes of: its record was over the ring's per-record limit (an eighth of
+    ``--monitor-buffer-mb``). Logged as its shape, dtype and size."""
+
+    def __init__(self, shape: tuple, dtype: str, nbytes: int):
+        self.shape, self.dtype, self.nbytes = tuple(shape), np.dtype(dtype), nbytes
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    def document(self) -> dict:
+        return {"omitted": "over the payload log's per-record limit (an eighth of --monitor-buffer-mb)",
+                "shape": list(self.shape), "dtype": _dtype(self), "bytes": self.nbytes}
+
+
 def encode(array: np.ndarray, max_values: int):
     """One tensor for the log: its values (nested lists) when small, else ``summary()``."""
+    if isinstance(array, Omitted):
+        return array.document()
     array = np.asarray(array)
     if math.prod(d or 1 for d in array.shape) <= max_values:  # not .size: tolist() of a [1e5, 1e5, 0] makes 1e10 lists
         if array.dtype == object:
@@ -133,7 +151,10 @@ def encode_many(records: list[dict[str, np.ndarray] | None], max_values: int) ->
     groups: dict[tuple, list[int]] = {}
     for i, tensors in enumerate(records):
         for name, array in (tensors or {}).items():
-            groups.setdefault((name, array.shape, array.dtype), []).append(i)
+            if isinstance(array, Omitted):
+                out[i][name] = array.document()
+            else:
+                groups.setdefault((name, array.shape, array.dtype), []).append(i)
     for (name, shape, dtype), idx in groups.items():
         if len(idx) > 1 and dtype.kind in "biuf" and np.prod(shape, dtype=np.int64) > 0:
             arrays = [records[i][name] for i in idx]
@@ -277,6 +298,7 @@ def prediction(outputs: dict[str, np.ndarray] | None, batching: bool, task: str 
     Classification: an explicit class/label output (top-1 = its first element per row), else the argmax
     of the first numeric output with more than one element per row. Regression: the first numeric
     output with one element per row (or any first numeric output when ``task`` says regression)."""
+    outputs = {n: a for n, a in (outputs or {}).items() if isinstance(a, np.ndarray)}  # not an Omitted one
     if not outputs:
         return None
     if task != "regression":

@@ -121,7 +121,6 @@ class _Child:
         self.pending: dict = {}
         self.send_lock = threading.Lock()
         self.dead = False
-        self.connected = False
         self.reader: threading.Thread | None = None
 
     def alive(self) -> bool:
@@ -196,6 +195,7 @@ class PayloadLog:
         self._restart_at = 0.0
         self.restarts = 0
         self._first_state = threading.Event()
+        self._connected = False  # the writer's database state, as it last reported it
         self._engine = None
         self._engine_lock = threading.Lock()
         self._wake = threading.Event()
@@ -338,8 +338,6 @@ class PayloadLog:
         self._connected, self.db_error = connected, db_error
         if connected or db_error:
             self._first_state.set()
-
-    _connected = False
 
     def _call(self, name: str, *args, timeout_s: float = 30.0):
         """Run ``name`` in the writer process; its exception (Conflict, InvalidInput, ...) is raised here."""

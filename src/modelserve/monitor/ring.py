@@ -50,6 +50,8 @@ from itertools import chain
 
 import numpy as np
 
+from modelserve.monitor.encode import Omitted
+
 HEADER = 4096
 #: the header's u64 words (each pair on a cache line of its own): (bytes, records)
 _HEAD, _STORED, _SEEN = 0, 8, 16
@@ -131,7 +133,6 @@ class RingProducer(_Mapped):
         self._pending_layout: tuple | None = None
         self._pending_lock = threading.Lock()
         self._lock = threading.Lock()
-        self.too_large = 0
 
     def stored(self) -> tuple[int, int]:
         return self.pair(_STORED)
@@ -248,11 +249,11 @@ class RingProducer(_Mapped):
                 encoded = str(name).encode()
                 parts.append((encoded, array, data, code))
                 size += _TENSOR.size + 8 * array.ndim + _align(len(encoded)) + _align(len(data))
-        if size > self.size // MAX_RECORD_FRACTION:  # kept bounded: the tensors' shapes and dtypes only
-            self.too_large += 1
-            parts = [(name, array, b"", OMITTED) for name, array, _, _ in parts]
-            size = _align(_RECORD.size + len(text)) + sum(_TENSOR.size + 8 * a.ndim + _align(len(n))
-                                                          for n, a, _, _ in parts)
+        if size > self.size // MAX_RECORD_FRACTION:  # kept bounded: the tensors' shapes, dtypes and sizes only
+            parts = [(name, array, pickle.dumps((array.dtype.str, len(data))), OMITTED)
+                     for name, array, data, _ in parts]
+            size = _align(_RECORD.size + len(text)) + sum(_TENSOR.size + 8 * a.ndim + _align(len(n)) + _align(len(d))
+                                                          for n, a, d, _ in parts)
         n_in = len(inputs) if inputs is not None else NONE
         n_out = len(outputs) if outputs is not None else NONE
         dropped = self.flush_pending()
@@ -437,8 +438,8 @@ def _request(buf, at_off: int, fields: tuple, pos: int) -> tuple:
         q += _align(name_len)
         data = buf[q:q + nbytes]
         q += _align(nbytes)
-        if code == OMITTED:  # too large for the ring: kept as its shape only
-            array = _Omitted(shape)
+        if code == OMITTED:  # too large for the ring: its shape, dtype and size only
+            array = Omitted(shape, *pickle.loads(data))
         elif code:
             array = np.frombuffer(data, _DTYPES[code]).reshape(shape)
         else:
@@ -446,18 +447,6 @@ def _request(buf, at_off: int, fields: tuple, pos: int) -> tuple:
         tensors += (name, array)
     return ("p", at, request_id or "", model or "", version, protocol or "", client, status, error, latency,
             key or None, n_in if n_in != NONE else -1, n_out if n_out != NONE else -1, *tensors, pos)
-
-
-class _Omitted:
-    """A tensor whose bytes did not fit in the ring (over 1/MAX_RECORD_FRACTION of it): its shape only."""
-
-    def __init__(self, shape: tuple):
-        self.shape = shape
-        self.ndim = len(shape)
-        self.dtype = np.dtype("V1")
-
-    def __len__(self) -> int:
-        return self.shape[0] if self.shape else 1
 
 
 # -- the writer's packing: records of a take -> per model version, columns with their arrays joined ------------
@@ -504,7 +493,7 @@ def _pack_flat(cols: list, start: int, count: int, n: int) -> tuple:
     try:
         for name_col, array_col in zip(names, arrays):
             if name_col.count(name_col[0]) != n or len(set(map(_dtype_of, array_col))) != 1 \
-                    or type(array_col[0]) is _Omitted:
+                    or type(array_col[0]) is Omitted:
                 break
             out[name_col[0]] = (np.concatenate(array_col), list(map(len, array_col)))
         else:
@@ -520,41 +509,30 @@ def _tensors(record: tuple, start: int, count: int) -> dict | None:
 
 def _columns(records: list[tuple]) -> tuple:
     """Requests of one model version -> (at, request_id, protocol, client, status, error, latency_ns, inputs,
-    outputs, positions) columns, the tensors packed (``_pack_flat``, or ``pack_dicts`` when they differ)."""
+    outputs) columns, the tensors packed (``_pack_flat``, or ``pack_dicts`` when they differ)."""
     n = len(records)
     if len(set(map(len, records))) == 1:
         cols = list(zip(*records))
         if cols[11].count(cols[11][0]) == n and cols[12].count(cols[12][0]) == n:
             n_in = cols[11][0]
             return (cols[1], cols[2], cols[5], cols[6], cols[7], cols[8], cols[9], _pack_flat(cols, 13, n_in, n),
-                    _pack_flat(cols, 13 + 2 * max(n_in, 0), cols[12][0], n), cols[-1])
+                    _pack_flat(cols, 13 + 2 * max(n_in, 0), cols[12][0], n))
     cols = list(zip(*(r[:13] for r in records)))
     inputs = [_tensors(r, 13, r[11]) for r in records]
     outputs = [_tensors(r, 13 + 2 * max(r[11], 0), r[12]) for r in records]
-    return (cols[1], cols[2], cols[5], cols[6], cols[7], cols[8], cols[9], pack_dicts(inputs), pack_dicts(outputs),
-            [r[-1] for r in records])
+    return (cols[1], cols[2], cols[5], cols[6], cols[7], cols[8], cols[9], pack_dicts(inputs), pack_dicts(outputs))
 
 
 def pack(records: list[tuple]) -> tuple[list, list, list]:
-    """A take's records -> (uid numbers in order, feedback rows with their place, groups): per model version
-    (config key, model, version, places (None: every record, the common case, found without a per-record
-    loop), at, request id, protocol, client, status, error, latency ns, inputs, outputs, uid numbers)."""
-    n = len(records)
-    first = records[0]
-    if first[0] == "p" and len(set(map(len, records))) == 1:
-        cols = list(zip(*records))
-        if all(cols[i].count(first[i]) == n for i in (0, 10, 3, 4, 11, 12)):  # one version, one tensor count
-            n_in = first[11]
-            return list(cols[-1]), [], [(first[10], first[3], first[4], None, cols[1], cols[2], cols[5], cols[6],
-                                         cols[7], cols[8], cols[9], _pack_flat(cols, 13, n_in, n),
-                                         _pack_flat(cols, 13 + 2 * max(n_in, 0), first[12], n))]
+    """Records taken one by one (failures, odd tensors; answered runs come as groups already) -> (uid numbers
+    in order, feedback rows with their place, groups): per model version (config key, model, version, the
+    records' places, at, request id, protocol, client, status, error, latency ns, inputs, outputs)."""
     feedback, groups = [], {}
     for i, record in enumerate(records):
         if record[0] == "p":
             groups.setdefault((record[10], record[3], record[4]), []).append(i)
         else:
             feedback.append((i, record[1]))
-    packed = [(key, model, version, idx, *_columns([records[i] for i in idx])[:9])
+    packed = [(key, model, version, idx, *_columns([records[i] for i in idx]))
               for (key, model, version), idx in groups.items()]
     return [r[-1] for r in records], feedback, packed
-

@@ -135,7 +135,7 @@ def _clip(values, limit: int) -> list:
 
 
 def _encode_group(group: tuple, uid_prefix: str, uids: list[int]) -> tuple[list, list, list]:
-    """One model version's records of a batch, as columns (``PayloadLog._pack``) -> (row tuples in
+    """One model version's records of a batch, as columns (``ring.pack``, ``ring._run``) -> (row tuples in
     ``PAYLOAD_COLUMNS`` order, ``at`` as the epoch; drift observations; (request id, model, version,
     prediction text) for feedback). The common case (every request answered, tensors joined, a batching
     model) is encoded column by column: one numpy pass per tensor name, one ``prediction`` over the
