@@ -256,7 +256,9 @@ WRITER = textwrap.dedent("""
     reg = Registry(url, artifacts, actor=who)
     for i in range(15):
         reg.register(model_file, "shared")
-        reg.set_alias("m", "production", 1 + (i + (who == "b")) % 3, reason=f"{who}{i}")
+        # a swings the alias between 2 and 1, b sends it to 3: in any interleaving each writer's
+        # first call is a real move (a no-op move is not recorded, so targets must not coincide)
+        reg.set_alias("m", "production", 3 if who == "b" else 2 - i % 2, reason=f"{who}{i}")
     reg.close()
 """)
 
