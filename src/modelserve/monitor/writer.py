@@ -129,7 +129,7 @@ def _texts(docs: list) -> list[str | None]:
 
 def _clip(values, limit: int) -> list:
     """Strings (or None) cut to the column's length; the list as is when none is too long."""
-    if max((len(v) for v in values if v), default=0) <= limit:
+    if max(map(len, filter(None, values)), default=0) <= limit:
         return values
     return [v[:limit] if v else v for v in values]
 
