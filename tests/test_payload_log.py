@@ -605,13 +605,11 @@ def test_kill_9_of_the_writer_process_loses_nothing(repo, tmp_path):
 
 
 def _pack(tensors: list) -> tuple:
-    """As the writer packs the records' tensors (flat in the records the ring gives: name, array, ...)."""
-    from itertools import chain
-
+    """As the writer packs the records' tensors (records as the ring gives them)."""
     from modelserve.monitor.ring import _columns, pack_dicts
 
-    records = [("p", 0.0, "r", "m", "1", "v2-rest", None, 200, None, 0, 1, -1 if t is None else len(t), -1,
-                *chain.from_iterable((t or {}).items()), place) for place, t in enumerate(tensors)]
+    records = [("p", 0.0, "r", "m", "1", "v2-rest", None, 200, None, 0, 1, t, None, place)
+               for place, t in enumerate(tensors)]
     packed = _columns(records)[7]
     assert packed[0] == pack_dicts(tensors)[0]  # joined or not, as the dict-based packing decides
     return packed
@@ -739,9 +737,7 @@ def _ring_records(consumer) -> list[tuple]:
                             tensors[name] = joined[start:start + rows[j]]
                     out.append((rid, tensors, statuses[j]))
             else:
-                n_in, n_out = item[11], item[12]
-                count = max(n_in, 0) + max(n_out, 0)
-                tensors = dict(zip(item[13:13 + 2 * count:2], item[14:14 + 2 * count:2]))
+                tensors = {**(item[11] or {}), **(item[12] or {})}
                 # views of the ring, valid until marked stored (the writer is done with them by then)
                 out.append((item[2], {n: np.array(a, copy=True) for n, a in tensors.items()}, item[7]))
         consumer.mark_stored(*taken[2:])

@@ -235,7 +235,7 @@ def _joined_texts(joined: np.ndarray, counts: list[int], max_values: int) -> lis
 
 def encode_packed(packed: tuple, count: int, max_values: int) -> list[str | None]:
     """A column of ``count`` records' tensors as the writer packs it (``("c", {name: (joined, rows per
-    record)})`` or ``("l", [dict | None, ...])``, see ``payload_log._pack_flat``) -> each record's
+    record)})`` or ``("l", [dict | None, ...])``, see ``ring.pack_dicts``) -> each record's
     ``encode_all`` document as JSON text (None where the record has no tensors)."""
     kind, value = packed
     if kind == "c" and value:
@@ -259,7 +259,7 @@ def encode_packed(packed: tuple, count: int, max_values: int) -> list[str | None
 
 
 def unpack(packed: tuple) -> list:
-    """``payload_log._pack_flat``'s output -> one dict (or None) per record; joined arrays come back as views."""
+    """``ring.pack_dicts``'s output -> one dict (or None) per record; joined arrays come back as views."""
     kind, value = packed
     if kind == "l":
         return list(value)

@@ -420,7 +420,7 @@ def _run(view: np.ndarray, spec: tuple, pos: int) -> tuple:
 
 def _request(buf, at_off: int, fields: tuple, pos: int) -> tuple:
     """A request record -> ("p", at, request id, model, version, protocol, client, status, error, latency ns,
-    config key, inputs (-1: None), outputs, name, array, ... , position); arrays are views of the ring."""
+    config key, inputs, outputs, position): inputs and outputs as {name: array} or None, arrays views of the ring."""
     _, _, n_in, n_out, status, key, at, latency, *lengths = fields
     q = at_off + _RECORD.size
     strings = []
@@ -429,24 +429,24 @@ def _request(buf, at_off: int, fields: tuple, pos: int) -> tuple:
         q += n
     request_id, client, model, version, protocol, error = strings
     q = _align(q)
-    tensors = []
-    for _ in range((n_in if n_in != NONE else 0) + (n_out if n_out != NONE else 0)):
-        ndim, code, name_len, nbytes = _TENSOR.unpack_from(buf, q)
-        shape = _DIMS[ndim].unpack_from(buf, q + 8)
-        q += 8 + 8 * ndim
-        name = str(buf[q:q + name_len], "utf-8")
-        q += _align(name_len)
-        data = buf[q:q + nbytes]
-        q += _align(nbytes)
-        if code == OMITTED:  # too large for the ring: its shape, dtype and size only
-            array = Omitted(shape, *pickle.loads(data))
-        elif code:
-            array = np.frombuffer(data, _DTYPES[code]).reshape(shape)
-        else:
-            array = pickle.loads(data)
-        tensors += (name, array)
+    inputs, outputs = ({} if n_in != NONE else None), ({} if n_out != NONE else None)
+    for tensors, count in ((inputs, n_in), (outputs, n_out)):
+        for _ in range(count if tensors is not None else 0):
+            ndim, code, name_len, nbytes = _TENSOR.unpack_from(buf, q)
+            shape = _DIMS[ndim].unpack_from(buf, q + 8)
+            q += 8 + 8 * ndim
+            name = str(buf[q:q + name_len], "utf-8")
+            q += _align(name_len)
+            data = buf[q:q + nbytes]
+            q += _align(nbytes)
+            if code == OMITTED:  # too large for the ring: its shape, dtype and size only
+                tensors[name] = Omitted(shape, *pickle.loads(data))
+            elif code:
+                tensors[name] = np.frombuffer(data, _DTYPES[code]).reshape(shape)
+            else:
+                tensors[name] = pickle.loads(data)
     return ("p", at, request_id or "", model or "", version, protocol or "", client, status, error, latency,
-            key or None, n_in if n_in != NONE else -1, n_out if n_out != NONE else -1, *tensors, pos)
+            key or None, inputs, outputs, pos)
 
 
 # -- the writer's packing: records of a take -> per model version, columns with their arrays joined ------------
@@ -481,46 +481,12 @@ def pack_dicts(tensors: list) -> tuple:
     return "l", [_own(t) for t in tensors]
 
 
-def _pack_flat(cols: list, start: int, count: int, n: int) -> tuple:
-    """``pack_dicts`` of the records' tensors held flat in columns ``start`` ... (name, array, name, array, ...;
-    ``count`` tensors, -1: None): the checks and the gathering are C-level, no per-record loop."""
-    if count < 0:
-        return "l", [None] * n
-    if not count:
-        return "l", [{} for _ in range(n)]
-    names, arrays = cols[start:start + 2 * count:2], cols[start + 1:start + 2 * count:2]
-    out = {}
-    try:
-        for name_col, array_col in zip(names, arrays):
-            if name_col.count(name_col[0]) != n or len(set(map(_dtype_of, array_col))) != 1 \
-                    or type(array_col[0]) is Omitted:
-                break
-            out[name_col[0]] = (np.concatenate(array_col), list(map(len, array_col)))
-        else:
-            return "c", out
-    except (ValueError, TypeError, AttributeError):  # 0-d arrays, other row shapes, not arrays
-        pass
-    return "l", [_own(dict(zip(ns, arrs))) for ns, arrs in zip(zip(*names), zip(*arrays))]
-
-
-def _tensors(record: tuple, start: int, count: int) -> dict | None:
-    return None if count < 0 else dict(zip(record[start:start + 2 * count:2], record[start + 1:start + 2 * count:2]))
-
-
 def _columns(records: list[tuple]) -> tuple:
     """Requests of one model version -> (at, request_id, protocol, client, status, error, latency_ns, inputs,
-    outputs) columns, the tensors packed (``_pack_flat``, or ``pack_dicts`` when they differ)."""
-    n = len(records)
-    if len(set(map(len, records))) == 1:
-        cols = list(zip(*records))
-        if cols[11].count(cols[11][0]) == n and cols[12].count(cols[12][0]) == n:
-            n_in = cols[11][0]
-            return (cols[1], cols[2], cols[5], cols[6], cols[7], cols[8], cols[9], _pack_flat(cols, 13, n_in, n),
-                    _pack_flat(cols, 13 + 2 * max(n_in, 0), cols[12][0], n))
-    cols = list(zip(*(r[:13] for r in records)))
-    inputs = [_tensors(r, 13, r[11]) for r in records]
-    outputs = [_tensors(r, 13 + 2 * max(r[11], 0), r[12]) for r in records]
-    return (cols[1], cols[2], cols[5], cols[6], cols[7], cols[8], cols[9], pack_dicts(inputs), pack_dicts(outputs))
+    outputs) columns, the tensors packed (``pack_dicts``)."""
+    cols = list(zip(*records))
+    return (cols[1], cols[2], cols[5], cols[6], cols[7], cols[8], cols[9], pack_dicts(list(cols[11])),
+            pack_dicts(list(cols[12])))
 
 
 def pack(records: list[tuple]) -> tuple[list, list, list]:
