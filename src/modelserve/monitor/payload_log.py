@@ -218,31 +218,25 @@ class PayloadLog:
         mon = config.monitoring if config is not None else _DEFAULT
         if not mon.payload_log or (mon.sample_rate < 1.0 and random.random() >= mon.sample_rate):
             return
-        dropped = self.ring.answered(time.time(), request.request_id, request.client, latency_ns,
-                                     self._config_ids.get(id(config)) or self._register(config), request.model,
-                                     response.version, request.protocol, request.inputs, response.outputs)
-        if dropped:
-            self._drop(dropped)
+        self._drop(self.ring.answered(time.time(), request.request_id, request.client, latency_ns,
+                                      self._config_ids.get(id(config)) or self._register(config), request.model,
+                                      response.version, request.protocol, request.inputs, response.outputs))
 
     def failed(self, request, version: str | None, config, exc: BaseException, latency_ns: int) -> None:
         if config is not None and not config.monitoring.payload_log:
             return
         status, error = _failure(exc)
-        dropped = self.ring.request(time.time(), request.request_id, request.model, version, request.protocol,
-                                    request.client, status, error, latency_ns,
-                                    self._config_ids.get(id(config)) or self._register(config),
-                                    request.inputs or None, None)
-        if dropped:
-            self._drop(dropped)
+        self._drop(self.ring.request(time.time(), request.request_id, request.model, version, request.protocol,
+                                     request.client, status, error, latency_ns,
+                                     self._config_ids.get(id(config)) or self._register(config),
+                                     request.inputs or None, None))
 
     def rejected(self, model: str, version: str | None, protocol: str, client: str | None, request_id: str,
                  exc: BaseException, latency_ns: int = 0) -> None:
         """A request refused before it became an ``InferRequest`` (bad body, unknown model)."""
         status, error = _failure(exc)
-        dropped = self.ring.request(time.time(), request_id, model, version, protocol, client, status, error,
-                                    latency_ns, None, None, None)
-        if dropped:
-            self._drop(dropped)
+        self._drop(self.ring.request(time.time(), request_id, model, version, protocol, client, status, error,
+                                     latency_ns, None, None, None))
 
     def _register(self, config) -> int | None:
         """A config's key: given once per config object (the object is kept, so its id stays its own), and
@@ -266,7 +260,10 @@ class PayloadLog:
             self._feedback.append(row)
             self._wake.set()
 
-    def _drop(self, records: int = 1) -> None:
+    def _drop(self, records: int) -> None:
+        """Count records the full ring refused (the ring's calls return how many: mostly 0)."""
+        if not records:
+            return
         self.dropped += records
         if not self._dropping:
             self._dropping = True
@@ -369,9 +366,8 @@ class PayloadLog:
                 if (child is None or not child.alive()) and time.monotonic() >= self._restart_at \
                         and not self._stopping:
                     self._restart()
-                dropped = self.ring.flush_pending()  # answered requests of a quiet moment wait at most a cycle
-                if dropped:
-                    self._drop(dropped)
+                # answered requests of a quiet moment wait at most a cycle
+                self._drop(self.ring.flush_pending())
                 while self._feedback and self.ring.blob(FEEDBACK, self._feedback[0]):
                     self._feedback.popleft()
                 if self._dropping and self.ring.written()[1] - self.ring.stored()[1] < self.max_buffer // 2:
@@ -410,9 +406,7 @@ class PayloadLog:
 
     async def _until(self, counter, timeout_s: float) -> bool:
         """Wake the writer, then wait until ``counter()`` (records encoded / stored) reaches the records written."""
-        dropped = self.ring.flush_pending()
-        if dropped:
-            self._drop(dropped)
+        self._drop(self.ring.flush_pending())
         target = self.ring.written()[1] + len(self._feedback)
         deadline = time.monotonic() + timeout_s
         try:
@@ -471,9 +465,7 @@ class PayloadLog:
             except Exception:  # noqa: BLE001
                 log.exception("payload log: cannot restart the writer process to drain")
             child = self._child
-        dropped = self.ring.flush_pending()
-        if dropped:
-            self._drop(dropped)
+        self._drop(self.ring.flush_pending())
         for row in self._feedback:  # the drain makes room as it goes: the writer reads what is written
             if not self.ring.blob(FEEDBACK, row):
                 log.error("payload log: a feedback row (request %s) did not fit in the buffer at close",

@@ -55,7 +55,7 @@ from modelserve.monitor.payload_log import (
     monitor_engine,
 )
 from modelserve.monitor.quality import QualityTracker
-from modelserve.monitor.ring import RingConsumer, pack
+from modelserve.monitor.ring import RingConsumer, pack, pack_dicts
 from modelserve.monitor.spill import SpillFile
 
 log = logging.getLogger("modelserve.monitor.payload_log")
@@ -73,18 +73,10 @@ def _encode_one(record: tuple, config) -> tuple:
 
 
 def _concat(tensors: list[dict | None]) -> dict | None:
-    """Requests' tensors joined along the batch axis, or None when their names, dtypes or row shapes differ."""
-    first = tensors[0]
-    if not first:
-        return None
-    signature = {name: (a.dtype, a.shape[1:]) for name, a in first.items() if a.ndim}
-    if len(signature) != len(first):
-        return None
-    for t in tensors[1:]:
-        if not t or len(t) != len(first) or any((a.dtype, a.shape[1:]) != signature.get(n) or not a.ndim
-                                                for n, a in t.items()):
-            return None
-    return {name: np.concatenate([t[name] for t in tensors]) for name in first}
+    """Requests' tensors joined along the batch axis (``ring.pack_dicts``), or None when their names, dtypes
+    or row shapes differ."""
+    kind, joined = pack_dicts(tensors)
+    return {name: array for name, (array, _) in joined.items()} if kind == "c" and joined else None
 
 
 def _encode_records(group: list[tuple], config) -> tuple[list[tuple], list[tuple]]:
