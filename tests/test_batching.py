@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import Future
 
 import numpy as np
@@ -107,7 +108,7 @@ def test_one_bad_request_fails_alone(tmp_path):
 
     async def main():
         batcher = DynamicBatcher("g", [runtime], ModelStats(), max_batch_size=8, max_queue_delay_us=200_000)
-        batcher._expected = 4  # as after a batch of four: wait for the others
+        batcher._recent.append((time.perf_counter_ns(), 4))  # as after a batch of four: wait for the others
         idx = [np.array([[i]], dtype=np.int64) for i in (1, 2, 99, 3)]
         results = await asyncio.gather(*(batcher.infer({"idx": x}, None, 1) for x in idx), return_exceptions=True)
         await batcher.close()
@@ -171,6 +172,35 @@ def test_lone_request_does_not_wait_for_the_window(tmp_path):
     asyncio.run(main())
     assert stats.durations["queue"].count == 3
     assert stats.durations["queue"].ns < 2_500_000_000 * 3 / 3  # far below one window
+
+
+def test_batches_come_back_to_the_client_count_after_a_straggler(tmp_path):
+    """8 clients in a closed loop; one of them is late once (longer than the window). The batches must
+    settle at 8 again: waiting only for as many as the last batch held, the late one split the clients
+    into two groups that kept each other apart for good (two batches per round, each a model call)."""
+    runtime = _runtime(mlp_model(tmp_path / "m.onnx"))
+    sizes: list[int] = []
+    infer = runtime.infer
+    runtime.infer = lambda inputs, outputs: sizes.append(len(inputs["x"])) or infer(inputs, outputs)
+
+    async def main():
+        batcher = DynamicBatcher("m", [runtime], ModelStats(), max_batch_size=32, preferred_batch_sizes=[8, 16, 32],
+                                 max_queue_delay_us=2000)
+        x = np.zeros((1, 16), dtype=np.float32)
+
+        async def client(i: int) -> None:
+            for n in range(60):
+                await batcher.infer({"x": x}, None, 1)
+                if i == 0 and n == 10:
+                    await asyncio.sleep(0.006)  # a straggler: three windows late
+
+        await asyncio.gather(*(client(i) for i in range(8)))
+        await batcher.close()
+
+    asyncio.run(main())
+    assert sum(sizes) == 8 * 60
+    # 60 rounds of 8, less what the late one missed (twice 7, then its own two at the end)
+    assert len(sizes) <= 62, sizes
 
 
 def test_close_finishes_queued_requests(tmp_path):

@@ -6,8 +6,11 @@ compatible requests at the head (same non-batch shapes, same requested outputs),
 model in its own thread (ONNX Runtime releases the GIL) and hands each request its slice.
 
 Waiting: a lone request is never taxed. The worker waits (at most ``max_queue_delay``) only while
-recent traffic says more requests are on their way: fewer are queued than made up the previous
-batch, or another instance is busy. Under a steady load of N concurrent clients batches settle at N.
+recent traffic says more requests are on their way: fewer are queued than made up the largest batch
+of the last few windows, or another instance is busy. Under a steady load of N concurrent clients
+batches settle at N, and come back to N after a straggler: judged by the last batch alone, one late
+client split N clients into two batches that then kept each other apart (every request paying a
+batch of its own), which is how a hiccup such as a busy neighbour core turned into a lasting slowdown.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ from modelserve.runtime import Runtime
 from modelserve.server.stats import ModelStats
 
 log = logging.getLogger(__name__)
+
+#: how far back (in ``max_queue_delay`` windows) the batches go that say how many requests to wait for
+RECENT_WINDOWS = 4
 
 
 @dataclass(slots=True)
@@ -59,7 +65,9 @@ class DynamicBatcher:
         self._runtimes = runtimes
         self._queue: deque[_Pending] = deque()
         self._work = asyncio.Event()
-        self._expected = 1
+        #: (when taken, rows) of the batches of the last ``_recent_ns``: their largest is the batch to wait for
+        self._recent: deque[tuple[int, int]] = deque()
+        self._recent_ns = max(RECENT_WINDOWS * self.max_delay_ns, 1_000_000)
         self._busy = 0  # workers running a batch now
         self._closing = False
         self._stopped = False
@@ -140,7 +148,7 @@ class DynamicBatcher:
         while self._queue:
             rows, count = self._compatible()
             remaining = deadline - time.perf_counter_ns()
-            if rows >= target or remaining <= 0 or (count >= self._expected and not self._busy):
+            if rows >= target or remaining <= 0 or (count >= self._expected() and not self._busy):
                 return
             self._work.clear()
             # cheaper than asyncio.wait_for (no extra task); a spurious wake just re-checks
@@ -179,8 +187,16 @@ class DynamicBatcher:
         self._queue = kept
         if not taken:  # the head request alone is larger than a preferred size
             taken.append(self._queue.popleft())
-        self._expected = len(taken)
+        now = time.perf_counter_ns()
+        recent = self._recent
+        recent.append((now, len(taken)))
+        while recent[0][0] < now - self._recent_ns:
+            recent.popleft()
         return taken
+
+    def _expected(self) -> int:
+        """Requests to wait for: the largest batch taken lately (1 when none was)."""
+        return max((n for _, n in self._recent), default=1)
 
     async def _run(self, batch: list[_Pending], runtime: Runtime, thread: "InstanceThread") -> None:
         started = time.perf_counter_ns()
