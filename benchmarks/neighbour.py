@@ -10,7 +10,8 @@ that has nothing to do with modelserve runs on CPU 1, one kind per phase, phases
 - `pyloop`: a pure-Python busy loop (CPU only, no memory traffic);
 - `sha256`: sha256 of a 3 KB buffer, again and again (what the writer does to each logged input);
 - `numpy`: mean, sum of squares, min and max of each row of 2,000 x 784 float32 (6 MB, as the writer's row
-  statistics of one cycle), again and again.
+  statistics of one cycle), again and again;
+- each of those also as `…-bursts`: 35 ms of it every 250 ms, the writer's rhythm at ~8,000 requests/s.
 
 If the server's throughput, p99 or CPU per request move with the burner, the cores share something (caches,
 memory bandwidth, a host core) and any payload-log writer pays it on top of its own CPU, wherever it runs.
@@ -31,14 +32,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from payload_log import PERF_ANALYZER, Server, build_repository, perf_analyzer, pin_process  # noqa: E402
 
-_PIN = "import os; os.sched_setaffinity(0, {1})\n"
-BURNERS = {
-    "none": None,
-    "pyloop": _PIN + "while True: pass",
-    "sha256": _PIN + "import hashlib; b = os.urandom(3136)\nwhile True: hashlib.sha256(b).digest()",
-    "numpy": _PIN + "import numpy as np; a = np.random.rand(2000, 784).astype('f4')\n"
-                    "while True: a.mean(1); np.einsum('ij,ij->i', a, a); a.min(1); a.max(1)",
+_PIN = "import os, time; os.sched_setaffinity(0, {1})\n"
+_STEP = {  # one step of each kind of work
+    "pyloop": ("", "pass"),
+    "sha256": ("import hashlib; b = os.urandom(3136)", "hashlib.sha256(b).digest()"),
+    "numpy": ("import numpy as np; a = np.random.rand(2000, 784).astype('f4')",
+              "a.mean(1); np.einsum('ij,ij->i', a, a); a.min(1); a.max(1)"),
 }
+#: flat out, or in the writer's rhythm: 35 ms of work every 250 ms (its cycle at ~8,000 requests/s)
+BURNERS = {"none": None}
+for _kind, (_setup, _step) in _STEP.items():
+    BURNERS[_kind] = f"{_PIN}{_setup}\nwhile True: {_step}"
+    BURNERS[f"{_kind}-bursts"] = (f"{_PIN}{_setup}\nwhile True:\n    t = time.perf_counter()\n"
+                                  f"    while time.perf_counter() - t < 0.035: {_step}\n    time.sleep(0.215)")
 
 
 def main() -> None:
