@@ -203,6 +203,21 @@ def test_batches_come_back_to_the_client_count_after_a_straggler(tmp_path):
     assert len(sizes) <= 62, sizes
 
 
+def test_lone_request_after_a_quiet_spell_does_not_wait(tmp_path):
+    """A batch of four long ago (older than the batches the batcher goes by) says nothing about now."""
+    runtime = _runtime(mlp_model(tmp_path / "m.onnx"))
+    stats = ModelStats()
+
+    async def main():
+        batcher = DynamicBatcher("m", [runtime], stats, max_batch_size=8, max_queue_delay_us=5_000_000)
+        batcher._recent.append((time.perf_counter_ns() - 60 * 10**9, 4))  # a minute ago
+        await batcher.infer({"x": np.zeros((1, 16), dtype=np.float32)}, None, 1)
+        await batcher.close()
+
+    asyncio.run(main())
+    assert stats.durations["queue"].ns < 1_000_000_000  # not the 5 s window
+
+
 def test_close_finishes_queued_requests(tmp_path):
     runtime = _runtime(mlp_model(tmp_path / "m.onnx"))
 

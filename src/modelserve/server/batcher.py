@@ -187,15 +187,18 @@ class DynamicBatcher:
         self._queue = kept
         if not taken:  # the head request alone is larger than a preferred size
             taken.append(self._queue.popleft())
-        now = time.perf_counter_ns()
-        recent = self._recent
-        recent.append((now, len(taken)))
-        while recent[0][0] < now - self._recent_ns:
-            recent.popleft()
+        self._recent.append((time.perf_counter_ns(), len(taken)))
+        self._forget_old()
         return taken
 
+    def _forget_old(self) -> None:
+        cutoff = time.perf_counter_ns() - self._recent_ns
+        while self._recent and self._recent[0][0] < cutoff:
+            self._recent.popleft()
+
     def _expected(self) -> int:
-        """Requests to wait for: the largest batch taken lately (1 when none was)."""
+        """Requests to wait for: the largest batch taken lately (1 when none was: after a quiet spell too)."""
+        self._forget_old()
         return max((n for _, n in self._recent), default=1)
 
     async def _run(self, batch: list[_Pending], runtime: Runtime, thread: "InstanceThread") -> None:
