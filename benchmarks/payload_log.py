@@ -353,10 +353,7 @@ def main() -> None:
                               f"p99 {r['p99']:.2f} ms, {r['cpu_us']:.0f} server cpu-µs/req{extra}", file=sys.stderr)
 
             # -- is every request in the log?
-            if args.control:
-                verify = None
-            else:
-                verify = check_complete(on, db, args.verify)
+            verify = None if args.control else check_complete(on, db, args.verify)
 
             prof = {}
             if args.profile:
