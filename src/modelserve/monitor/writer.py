@@ -6,8 +6,8 @@ fork of the server: it imports no server module but the model config classes it 
 the records; the control connection carries request/response calls (quality, drift, status, wake, close)
 from the server's threads, and this process's database state (``("state", True, (connected, error))``).
 
-A cycle (every ``interval_s``, or sooner when ``batch_size`` records wait or a caller waits on a flush)
-takes up to ``batch_size`` records, encodes them column by column (``_encode_group``: rows as tuples with
+A cycle (every ``interval_s``, or sooner when a caller waits on a flush) takes what the ring holds, up to
+``batch_size`` records at a time, encodes them column by column (``_encode_group``: rows as tuples with
 their JSON columns as text, built without a per-record dict), marks them *seen* (predictions joinable),
 stores them (database or spill file) and marks them *stored*: the server may then reuse their space.
 
@@ -256,16 +256,12 @@ class Writer:
 
     def _run(self) -> None:
         deadline = None
-        last = 0.0
         while True:
-            woken = self._wake.wait(POLL_S)
+            # a cycle per interval, or sooner when a caller waits (sync, flush) or the drain starts; nothing
+            # in between: each wake-up of an idle core slows the serving cores of a VM (benchmarks/README.md)
+            self._wake.wait(self.interval_s)
             self._wake.clear()
             stopping = self._stopping
-            # a cycle per interval, or sooner: a batch waits, a caller waits (sync, flush), the drain
-            if not (woken or stopping or time.monotonic() - last >= self.interval_s
-                    or self.ring.waiting() >= self.batch_size):
-                continue
-            last = time.monotonic()
             try:
                 self._cycle()
             except Exception:  # noqa: BLE001 - the writer must outlive any one bad batch
@@ -597,8 +593,6 @@ def _serve(ring_fd: int, control: Connection) -> None:
 #: the writer process's niceness, added to the server's: under CPU contention the serving path wins and
 #: the writer catches up when there is CPU to spare (its backlog is bounded by ``max_buffer`` and the spill file)
 NICE = 10
-#: how often the writer thread looks at the ring (a cycle runs per ``interval_s``, or sooner when a batch waits)
-POLL_S = 0.02
 
 
 def main() -> None:
