@@ -1,7 +1,7 @@
 """How much work on the other core slows a modelserve with the payload log off: the machine's share in
 the payload log's cost.
 
-    .venv/bin/python benchmarks/neighbour.py [--concurrency 8] [--rounds 2] [--window-ms 3000]
+    .venv/bin/python benchmarks/neighbour.py [--concurrency 8] [--rounds 2] [--window-ms 3000] [--kinds KIND ...]
 
 One server (`--no-payload-log`, the tiny MLP of `payload_log.py`) and perf_analyzer run on CPU 0; a process
 that has nothing to do with modelserve runs on CPU 1, one kind per phase, phases alternated per round:
@@ -11,7 +11,11 @@ that has nothing to do with modelserve runs on CPU 1, one kind per phase, phases
 - `sha256`: sha256 of a 3 KB buffer, again and again (what the writer does to each logged input);
 - `numpy`: mean, sum of squares, min and max of each row of 2,000 x 784 float32 (6 MB, as the writer's row
   statistics of one cycle), again and again;
-- each of those also as `…-bursts`: 35 ms of it every 250 ms, the writer's rhythm at ~8,000 requests/s.
+- each of those also as `…-bursts`: 35 ms of it every 250 ms, the writer's rhythm at ~8,000 requests/s;
+- `wake-5ms`, `wake-20ms`: no work at all, only a sleep of 5 / 20 ms again and again (CPU 1 woken from idle
+  200 / 50 times a second: what a writer polling its ring does).
+
+`--kinds` picks some of them (`none` is always measured).
 
 If the server's throughput, p99 or CPU per request move with the burner, the cores share something (caches,
 memory bandwidth, a host core) and any payload-log writer pays it on top of its own CPU, wherever it runs.
@@ -45,6 +49,8 @@ for _kind, (_setup, _step) in _STEP.items():
     BURNERS[_kind] = f"{_PIN}{_setup}\nwhile True: {_step}"
     BURNERS[f"{_kind}-bursts"] = (f"{_PIN}{_setup}\nwhile True:\n    t = time.perf_counter()\n"
                                   f"    while time.perf_counter() - t < 0.035: {_step}\n    time.sleep(0.215)")
+for _ms in (5, 20):
+    BURNERS[f"wake-{_ms}ms"] = f"{_PIN}while True: time.sleep({_ms / 1000})"
 
 
 def main() -> None:
@@ -52,7 +58,9 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--window-ms", type=int, default=3000)
+    ap.add_argument("--kinds", nargs="+", choices=list(BURNERS), default=list(BURNERS))
     args = ap.parse_args()
+    kinds = ["none", *(k for k in args.kinds if k != "none")]
     if not Path(PERF_ANALYZER).is_file():
         sys.exit(f"perf_analyzer not found at {PERF_ANALYZER} (benchmarks/run.sh installs it)")
     results = defaultdict(list)
@@ -62,7 +70,7 @@ def main() -> None:
         with Server(tmp / "repo", "--no-payload-log", env={"MODELSERVE_ORT_THREADS": "0"}) as srv:
             pin_process(srv.proc.pid, {0})
             for rnd in range(args.rounds):
-                order = list(BURNERS) if rnd % 2 == 0 else list(reversed(BURNERS))
+                order = kinds if rnd % 2 == 0 else kinds[::-1]
                 for name in order:
                     burner = subprocess.Popen([sys.executable, "-c", BURNERS[name]]) if BURNERS[name] else None
                     try:
