@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/payload_log.py [--concurrency 1 8 32] [--window-ms 3000] [--rounds 2]
                                                [--verify 2000] [--profile 10] [--out benchmarks/results]
-                                               [--control] [--pin]
+                                               [--control] [--pin] [--stopped]
 
 The model is the serving-core benchmark's tiny MLP (`benchmarks/run.sh`, the lab's `make_models.py`:
 784 -> 128 -> ReLU -> 10, `input` FP32 [B, 784] -> `output` [B, 10], torch's Linear init, seed 0),
@@ -34,7 +34,9 @@ phase's records), and the 1-minute load average is printed: other work on the ma
 `--control` is the A/A calibration: the ON server runs with the log off as well, so the same table then
 shows what two identical servers measure apart (the noise floor of the ratios on this machine).
 `--pin` gives the writer process a core of its own (as on a machine with cores to spare): both servers
-and perf_analyzer on CPU 0, the ON server's writer process on CPU 1.
+and perf_analyzer on CPU 0, the ON server's writer process on CPU 1. `--stopped` adds a third phase per
+round: the ON server with its writer process stopped (SIGSTOP; SIGCONT and a flush after), the request
+path's share of the cost apart from the running writer's.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sqlite3
 import statistics
 import subprocess
@@ -319,7 +322,11 @@ def main() -> None:
                     help="A/A run: the ON server has the log off too, so the table shows the measurement's own noise")
     ap.add_argument("--pin", action="store_true", help="servers and perf_analyzer on CPU 0, the writer process on "
                     "CPU 1 (the writer with a core of its own, as on a machine with cores to spare)")
+    ap.add_argument("--stopped", action="store_true", help="a third phase per round: the ON server with its "
+                    "writer process stopped (SIGSTOP, then SIGCONT and a flush): the request path's share alone")
     args = ap.parse_args()
+    if args.stopped and args.control:
+        ap.error("--stopped needs a writer process: not with --control")
     if not Path(PERF_ANALYZER).is_file():
         sys.exit(f"perf_analyzer not found at {PERF_ANALYZER} (benchmarks/run.sh installs it; or set "
                  "MODELSERVE_PERF_ANALYZER)")
@@ -339,12 +346,22 @@ def main() -> None:
                 pin(on, off)
             for conc in args.concurrency:
                 for rnd in range(args.rounds):
-                    for name in (("on", "off") if rnd % 2 == 0 else ("off", "on")):
+                    phases = ("on", "stopped", "off") if args.stopped else ("on", "off")
+                    for name in (phases if rnd % 2 == 0 else phases[::-1]):
                         w0 = writer_cpu_s(on)
-                        r = perf_analyzer(servers[name], data, conc, args.window_ms, tmp, args.pin)
+                        writers = writer_pids(on) if name == "stopped" else []
+                        for pid in writers:
+                            os.kill(pid, signal.SIGSTOP)
+                        try:
+                            r = perf_analyzer(servers.get(name, on), data, conc, args.window_ms, tmp, args.pin)
+                        finally:
+                            for pid in writers:
+                                os.kill(pid, signal.SIGCONT)
                         results[(name, conc)].append(r)
                         extra = ""
-                        if name == "on" and not args.control:
+                        if name == "stopped":
+                            flush(on)  # the phase's records, stored before the next phase
+                        elif name == "on" and not args.control:
                             took, _ = flush(on)
                             flushes.append((conc, took))
                             r["writer_us"] = 1e6 * (writer_cpu_s(on) - w0) / max(r["requests"], 1)
@@ -369,7 +386,7 @@ def main() -> None:
                             flush(on)
 
     stamp = datetime.now()
-    flags = "".join(f" --{f}" for f in ("control", "pin") if getattr(args, f))
+    flags = "".join(f" --{f}" for f in ("control", "pin", "stopped") if getattr(args, f))
     servers_said = ("two servers, both `--no-payload-log` (`--control`: an A/A run, ON is a second OFF; the "
                     "differences are the measurement's own noise)" if args.control else
                     "two servers (log ON: SQLite + spill file; log OFF: `--no-payload-log`)")
@@ -402,6 +419,17 @@ def main() -> None:
                       f"{mean(off_r, 'cpu_us'):.0f} | {mean(on_r, 'cpu_us'):.0f} | {mean(on_r, 'writer_us'):.0f} | "
                       f"{per_round} | {per_round_p99} | {'–' if fl is None else f'{1e3 * fl:.0f} ms'} | "
                       f"{min(r['load'] for r in on_r + off_r):.1f}-{max(r['load'] for r in on_r + off_r):.1f} |")
+    if args.stopped:
+        report += ["", "The request path's share: the ON server with its writer process stopped (SIGSTOP) for the phase.",
+                   "", "| concurrency | OFF inf/s | writer stopped inf/s | cost 1-stopped/OFF | p99 stopped/OFF | "
+                   "server cpu-µs/req OFF → stopped → ON |", "|---|---|---|---|---|---|"]
+        for conc in args.concurrency:
+            st_r, on_r, off_r = (results[(n, conc)] for n in ("stopped", "on", "off"))
+            mean = lambda rs, k: statistics.mean(r[k] for r in rs)  # noqa: E731
+            report.append(f"| {conc} | {mean(off_r, 'ips'):.0f} | {mean(st_r, 'ips'):.0f} | "
+                          f"{100 * (1 - mean(st_r, 'ips') / mean(off_r, 'ips')):.1f} % | "
+                          f"{mean(st_r, 'p99') / mean(off_r, 'p99'):.2f} | {mean(off_r, 'cpu_us'):.0f} → "
+                          f"{mean(st_r, 'cpu_us'):.0f} → {mean(on_r, 'cpu_us'):.0f} |")
     met = worst < 0.10 and worst_p99 < 1.10
     report += ["", f"Target: cost < 10 % at 100 % sampling, throughput and p99 — worst throughput cost "
                f"{100 * worst:.1f} %, worst p99 ratio {worst_p99:.2f}: **{'met' if met else 'NOT met'}**"
