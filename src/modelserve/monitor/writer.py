@@ -257,8 +257,8 @@ class Writer:
     def _run(self) -> None:
         deadline = None
         while True:
-            # a cycle per interval, or sooner when a caller waits (sync, flush) or the drain starts; nothing
-            # in between: each wake-up of an idle core slows the serving cores of a VM (benchmarks/README.md)
+            # a cycle per interval, or sooner when a caller waits (sync, flush) or the drain starts; no polling
+            # in between: on a VM, waking an idle vCPU costs the busy ones (benchmarks/README.md, payload log)
             self._wake.wait(self.interval_s)
             self._wake.clear()
             stopping = self._stopping
