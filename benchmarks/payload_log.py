@@ -404,9 +404,9 @@ def main() -> None:
                "| per-round p99 ON/OFF | flush after ON phase (max) | load avg (1 min) |",
                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     worst = worst_p99 = 0.0
+    mean = lambda rs, k: statistics.mean(r.get(k, 0.0) for r in rs)  # noqa: E731
     for conc in args.concurrency:
         on_r, off_r = results[("on", conc)], results[("off", conc)]
-        mean = lambda rs, k: statistics.mean(r.get(k, 0.0) for r in rs)  # noqa: E731
         cost = 1 - mean(on_r, "ips") / mean(off_r, "ips")
         p99 = mean(on_r, "p99") / mean(off_r, "p99")
         worst, worst_p99 = max(worst, cost), max(worst_p99, p99)
@@ -425,7 +425,6 @@ def main() -> None:
                    "server cpu-µs/req OFF → stopped → ON |", "|---|---|---|---|---|---|"]
         for conc in args.concurrency:
             st_r, on_r, off_r = (results[(n, conc)] for n in ("stopped", "on", "off"))
-            mean = lambda rs, k: statistics.mean(r[k] for r in rs)  # noqa: E731
             report.append(f"| {conc} | {mean(off_r, 'ips'):.0f} | {mean(st_r, 'ips'):.0f} | "
                           f"{100 * (1 - mean(st_r, 'ips') / mean(off_r, 'ips')):.1f} % | "
                           f"{mean(st_r, 'p99') / mean(off_r, 'p99'):.2f} | {mean(off_r, 'cpu_us'):.0f} → "
